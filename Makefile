@@ -17,7 +17,6 @@ QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || tru
 export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-export MPLBACKEND := Agg
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: help test book html env export clean-book
@@ -35,7 +34,7 @@ $(STAMP): requirements.txt constraints.txt setup.py settings.ini tools/verify_en
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt torch==2.14.1 torchvision==0.29.1 2>&1 | $(QUIET_PIP)
 	$(PIP) install -c constraints.txt -r requirements.txt 2>&1 | $(QUIET_PIP)
-	$(PIP) install -c constraints.txt --no-deps --no-build-isolation -e . 2>&1 | $(QUIET_PIP)
+	$(PIP) install -c constraints.txt --no-deps --no-build-isolation --config-settings editable_mode=compat -e . 2>&1 | $(QUIET_PIP)
 	$(PY) tools/verify_env.py
 	@touch $@
 
