@@ -19,13 +19,16 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: help test book html env export clean-book
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help test book html env export browser clean-book
 
 help:
 	@echo "make test              export check, notebook tests (nbdev_test) and pytest"
 	@echo "make book PROFILE=...  run experiment chapters (smoke|cpu|gpu) with papermill, build _build/html"
 	@echo "make html              build _build/html from the committed executed chapters (no training)"
 	@echo "make env               create or update the project virtualenv in .venv/"
+	@echo "make browser           install headless Chromium for the book's browser check (Debian packages)"
 
 env: $(STAMP)
 
@@ -47,9 +50,15 @@ test: $(STAMP)
 	$(VENV)/bin/nbdev_test --timing --n_workers 2
 	$(PY) -m pytest tests
 
-book: $(STAMP)
+book: $(STAMP) browser
 	$(PY) tools/run_experiments.py --profile $(PROFILE)
 	$(MAKE) html
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_book_browser.py
+
+# Headless Chromium + ChromeDriver (Debian packages) for the book's browser check.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
 html: $(STAMP)
 	$(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going
