@@ -7,7 +7,7 @@ from pathlib import Path
 import papermill as pm
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAPTERS = ["shapes_classifier"]
+CHAPTERS = ["shapes_classifier", "loaders_benchmark"]
 PROFILES = ("smoke", "cpu", "gpu")
 
 def main() -> int:

@@ -1,0 +1,234 @@
+"""Evaluation protocol: subsets, feature cache, probes, fine-tuning and statistics beyond the notebook's examples."""
+import math
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from scipy import stats
+from umedpt.core import ConfigError, DataError, TrainingError
+from umedpt.evaluation import (FRACTIONS, RESULT_COLUMNS, cached_features, compare_arms, extract_embeddings, fine_tune,
+                               fit_linear_probe, nested_subsets, paired_ttest, plot_scarcity, probe_benchmark,
+                               results_frame, table1_summary)
+
+
+# --- nested subsets -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_classes,n,seed", [(2, 50, 0), (3, 333, 1), (7, 1000, 2), (10, 123, 3)])
+def test_nested_subsets_properties(n_classes, n, seed):
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.ones(n_classes) * 0.7)
+    y = rng.choice(n_classes, n, p=p)
+    y[:n_classes] = np.arange(n_classes)  # every class occurs
+    subsets = nested_subsets(y, seeds=range(5))
+    full = np.bincount(y, minlength=n_classes)
+    for s in range(5):
+        for a, b in zip(FRACTIONS, FRACTIONS[1:]):
+            assert np.isin(subsets[(s, a)], subsets[(s, b)]).all()
+        assert np.array_equal(subsets[(s, 1.0)], np.arange(n))
+    for (s, f), idx in subsets.items():
+        assert len(np.unique(idx)) == len(idx) and np.all(np.diff(idx) > 0)  # sorted, no duplicates
+        counts = np.bincount(y[idx], minlength=n_classes)
+        assert counts.min() >= 1
+        want = np.maximum(1, np.floor(f * full + 0.5))
+        assert np.array_equal(counts, np.minimum(full, want)), (f, counts, want)
+
+
+def test_nested_subsets_independent_of_fraction_order_and_other_seeds():
+    y = np.random.default_rng(0).integers(0, 4, 400)
+    a = nested_subsets(y, fractions=(0.1, 0.5, 1.0), seeds=[0, 1])
+    b = nested_subsets(y, fractions=(1.0, 0.5, 0.1), seeds=[1])
+    assert np.array_equal(a[(1, 0.5)], b[(1, 0.5)])
+    assert not np.array_equal(a[(0, 0.1)], a[(1, 0.1)])
+
+
+def test_nested_subsets_min_per_class_and_tiny_classes():
+    y = np.array([0] * 98 + [1] * 2)
+    sub = nested_subsets(y, fractions=(0.01,), seeds=[0], min_per_class=3)[(0, 0.01)]
+    assert np.bincount(y[sub]).tolist() == [3, 2]  # class 1 has only two examples: both are taken
+    assert len(nested_subsets(y, fractions=(0.01,), seeds=[0], min_per_class=0)[(0, 0.01)]) == 1
+
+
+def test_nested_subsets_bad_input():
+    with pytest.raises(ConfigError, match="seeds"): nested_subsets(np.zeros(5, int), seeds=[-1])
+    with pytest.raises(ConfigError, match="fractions"): nested_subsets(np.zeros(5, int), fractions=(0.5, 0.5))
+    with pytest.raises(ConfigError, match="fractions"): nested_subsets(np.zeros(5, int), fractions=(1.5,))
+    with pytest.raises(ConfigError, match="n must be"): nested_subsets(None, n=0)
+    with pytest.raises(ConfigError, match="multi-hot"): nested_subsets(np.zeros((5, 2, 2)))
+
+
+# --- feature cache --------------------------------------------------------------------------------------------------
+
+def test_cached_features_failed_compute_leaves_nothing(tmp_path):
+    def boom(): raise RuntimeError("compute failed")
+    with pytest.raises(RuntimeError): cached_features("a/b", boom, tmp_path)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert cached_features("a/b", lambda: np.ones(3), tmp_path).tolist() == [1, 1, 1]
+    assert not list(tmp_path.rglob("*.pkl")) and not list(tmp_path.rglob("*.npy"))
+
+
+class _Counting(nn.Module):
+    "A stand-in encoder: mean colour and size of each image, counting forward passes."
+    def __init__(self): super().__init__(); self.calls = 0; self.w = nn.Parameter(torch.ones(1))
+    def embed(self, x):
+        self.calls += 1
+        return torch.cat([x.mean((2, 3)), torch.full((len(x), 1), float(x.shape[-1]))], 1) * self.w
+
+
+def test_extract_embeddings_caches_and_detects_stale_cache(tmp_path):
+    data = [{"image": torch.rand(3, 32 + 8 * (i % 3), 40), "label": i % 2} for i in range(10)]
+    enc = _Counting()
+    x1, y1 = extract_embeddings(enc, data, batch_size=4, cache_dir=tmp_path, key="arm/task/train")
+    calls = enc.calls
+    x2, y2 = extract_embeddings(enc, data, batch_size=4, cache_dir=tmp_path, key="arm/task/train")
+    assert enc.calls == calls and np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    assert y1.tolist() == [i % 2 for i in range(10)] and x1.shape == (10, 4) and x1.dtype == np.float32
+    with pytest.raises(DataError, match="holds 10 rows for a dataset of 5"):
+        extract_embeddings(enc, data[:5], cache_dir=tmp_path, key="arm/task/train")
+    with pytest.raises(ConfigError, match="key"): extract_embeddings(enc, data, cache_dir=tmp_path)
+    multi = [{"image": torch.rand(3, 32, 32), "labels": torch.tensor([1.0, float("nan")])} for _ in range(3)]
+    _, ym = extract_embeddings(enc, multi)
+    assert ym.shape == (3, 2) and np.isnan(ym[:, 1]).all()
+    seg = [{"image": torch.rand(3, 32, 32), "mask": torch.zeros(32, 32, dtype=torch.long)} for _ in range(3)]
+    assert extract_embeddings(enc, seg)[1] is None
+
+
+# --- probes and the frozen benchmark --------------------------------------------------------------------------------
+
+def _separable(n, k=4, d=12, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(42).normal(0, 4, (k, d))
+    y = rng.integers(0, k, n)
+    return (centres[y] + rng.normal(0, 0.5, (n, d))).astype(np.float32), y
+
+
+def test_probe_benchmark_rows_and_scores():
+    Xtr, ytr = _separable(200); Xte, yte = _separable(100, seed=1)
+    subsets = nested_subsets(ytr, fractions=(0.05, 1.0), seeds=range(3))
+    acc = lambda y, p: float((p.argmax(1) == y).mean())
+    res = probe_benchmark(Xtr, ytr, Xte, yte, subsets, {"accuracy": acc, "nll": lambda y, p: -np.log(p[np.arange(len(y)), y]).mean()},
+                          task="blobs", arm="a")
+    assert list(res.columns) == list(RESULT_COLUMNS) and len(res) == 2 * 6
+    assert set(res.setting) == {"frozen"} and set(res.fraction) == {0.05, 1.0}
+    full = res[(res.fraction == 1.0) & (res.metric == "accuracy")].value
+    assert (full == 1.0).all()
+    # more data never hurts these well-separated blobs' likelihood on average
+    nll = res[res.metric == "nll"].groupby("fraction").value.mean()
+    assert nll[1.0] < nll[0.05]
+
+
+def test_multilabel_probe_benchmark_uses_sigmoid():
+    rng = np.random.default_rng(0)
+    X = rng.normal(0, 1, (300, 6)).astype(np.float32)
+    Y = (X[:, :3] > 0).astype(np.float32)
+    seen = {}
+    def metric(y, p): seen["p"] = p; return float(((p > 0.5) == (y > 0.5)).mean())
+    res = probe_benchmark(X[:200], Y[:200], X[200:], Y[200:], nested_subsets(Y[:200], fractions=(1.0,), seeds=[0]),
+                          {"acc": metric}, task="ml", arm="a")
+    assert res.value.item() > 0.9
+    assert seen["p"].shape == (100, 3) and not np.allclose(seen["p"].sum(1), 1)  # independent sigmoids, not softmax
+
+
+# --- fine-tuning ----------------------------------------------------------------------------------------------------
+
+def test_fine_tune_learns_and_unfreezes():
+    torch.manual_seed(0)
+    X, y = _separable(256, k=3, d=8)
+    X, y = torch.from_numpy(X), torch.from_numpy(y)
+    enc, head = nn.Linear(8, 8), nn.Linear(8, 3)
+    for p in enc.parameters(): p.requires_grad_(False)  # e.g. left frozen by a probe run
+    w0 = enc.weight.clone()
+    loader = [{"x": X[i:i + 32], "y": y[i:i + 32]} for i in range(0, 256, 32)]
+    losses = fine_tune(enc, head, lambda b, h, batch: h(b(batch["x"])), lambda o, batch: nn.functional.cross_entropy(o, batch["y"]),
+                       loader, steps=60, lr_encoder=1e-2, lr_head=5e-2, device="cpu")
+    assert len(losses) == 60 and np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8])
+    assert not torch.equal(enc.weight, w0) and enc.weight.requires_grad
+    assert not enc.training and not head.training
+
+
+def test_fine_tune_bad_steps():
+    with pytest.raises(ConfigError, match="steps"):
+        fine_tune(nn.Linear(1, 1), nn.Linear(1, 1), lambda *a: None, lambda *a: None, [{}], steps=0, device="cpu")
+
+
+# --- statistics -----------------------------------------------------------------------------------------------------
+
+def _table(arms=("new", "mid", "base"), fractions=(0.1, 0.5, 1.0), seeds=range(5), offset=None):
+    offset = offset or {"new": 0.15, "mid": 0.05, "base": 0.0}
+    rng = np.random.default_rng(0)
+    rows = []
+    for f in fractions:
+        for s in seeds:
+            shared = rng.normal(0, 0.02)
+            for arm in arms:
+                rows.append(dict(task="t", arm=arm, setting="frozen", fraction=f, seed=s, metric="auc",
+                                 value=0.6 + 0.2 * f + offset[arm] + shared + rng.normal(0, 0.005)))
+    return results_frame(rows)
+
+
+def test_compare_arms_three_arms_against_reference():
+    res = _table()
+    cmp = compare_arms(res, "auc", "frozen", reference="base")
+    assert len(cmp) == 6 and set(cmp.arm) == {"new", "mid"} and set(cmp.reference) == {"base"}
+    for _, row in cmp.iterrows():
+        a = res[(res.arm == row.arm) & (res.fraction == row.fraction)].sort_values("seed").value
+        b = res[(res.arm == "base") & (res.fraction == row.fraction)].sort_values("seed").value
+        r = stats.ttest_rel(a, b)
+        assert math.isclose(row.t, r.statistic) and math.isclose(row.p, r.pvalue)
+        assert math.isclose(row["mean"], a.mean()) and math.isclose(row.sd, a.std(ddof=1))
+    assert cmp.significant.all()
+    # default reference: the arm appearing last
+    assert set(compare_arms(res, "auc", "frozen").reference) == {"base"}
+    # pairing is by seed, not by row order
+    shuffled = res.sample(frac=1.0, random_state=0)
+    pd.testing.assert_frame_equal(compare_arms(shuffled, "auc", "frozen", reference="base")
+                                  .sort_values(["fraction", "arm"]).reset_index(drop=True),
+                                  cmp.sort_values(["fraction", "arm"]).reset_index(drop=True))
+
+
+def test_compare_arms_not_significant_for_noise():
+    rng = np.random.default_rng(1)
+    rows = [dict(task="t", arm=arm, setting="finetune", fraction=0.5, seed=s, metric="acc", value=rng.normal(0.7, 0.05))
+            for s in range(5) for arm in ("a", "b")]
+    cmp = compare_arms(results_frame(rows), "acc", "finetune")
+    assert cmp.p.item() > 0.05 and not cmp.significant.item()
+
+
+def test_table1_rules():
+    res = _table()
+    t1 = table1_summary(res, "auc", reference="base").set_index("arm")
+    best_base = res[res.arm == "base"].groupby("fraction").value.mean().max()
+    for arm in ("new", "mid"):
+        means = res[res.arm == arm].groupby("fraction").value.mean()
+        want = min(f for f, m in means.items() if m >= best_base)
+        assert t1.loc[arm, "fraction"] == want and math.isclose(t1.loc[arm, "target"], best_base)
+    assert (t1.loc["new", "fraction"], t1.loc["mid", "fraction"]) == (0.5, 1.0)  # by construction: +0.15 and +0.05
+    # across settings: the target is the best of both settings
+    ft = res.assign(setting="finetune", value=res.value + 0.3)
+    both = pd.concat([res, ft])
+    within = table1_summary(both, "auc", reference="base")
+    across = table1_summary(both, "auc", reference="base", across_settings=True)
+    assert (within[within.setting == "frozen"].fraction.notna()).all()
+    assert across[across.setting == "frozen"].fraction.isna().all()  # frozen never reaches fine-tuned base + 0.3
+    assert (across.target_setting == "finetune").all()
+
+
+def test_results_frame_checks_and_plot():
+    with pytest.raises(DataError, match="lacks the columns"):
+        results_frame(pd.DataFrame({"task": ["t"], "value": [1.0]}))
+    res = _table(fractions=(0.01, 0.25, 1.0))
+    fig = plot_scarcity(pd.concat([res, res.assign(setting="finetune")]), "auc")
+    assert len(fig.axes) == 2
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1%", "25%", "100%"]
+    assert len(fig.axes[0].patches) == 3 * 3  # one box per arm and fraction
+    with pytest.raises(DataError, match="no results for metric"): plot_scarcity(res, "dice")
+
+
+def test_paired_ttest_matches_hand_formula():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(0.8, 0.05, 7), rng.normal(0.75, 0.05, 7)
+    d = a - b
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(7))
+    r = paired_ttest(a, b)
+    assert math.isclose(r.t, t, rel_tol=1e-12) and math.isclose(r.p, 2 * stats.t.sf(abs(t), 6), rel_tol=1e-9)
+    with pytest.raises(Exception, match="nan or inf"): paired_ttest([1, np.nan], [1, 2])
