@@ -6,7 +6,27 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #21699627
+# %% ../nbs/99_api.ipynb #675b3eae
 from .core import (UmedptError, ConfigError, DataError, DataRootError, InputError, TrainingError,
                          data_root, seed_everything, pick_device, check_sample, collate_samples, show_sample)
 from .shapes import ShapesDataset
+from .encoders import ENCODERS, Encoder, create_encoder, global_embedding
+from .norms import swap_norms, SampleLayerNorm
+from .blocks import BlocksConfig, SharedBlocks
+from .fcos import FCOSHead, FCOSLoss, decode_detections, fcos_targets
+from .losses import (ClassificationHead, MultiLabelHead, SegmentationHead, ClassificationLoss, MultiLabelLoss,
+                           SegmentationLoss)
+from .metrics import (classification_metrics, multilabel_metrics, confusion_matrix, segmentation_metrics,
+                            detection_map)
+from .tasks import Task, ClassificationTask, MultiLabelTask, SegmentationTask, DetectionTask, create_task
+from .augment import augment_recipe, SampleAugment, volume_recipe, VolumeAugment
+from .volumes import normalize_volume, NiftiVolumes, NpzVolumes, CachedSliceDataset
+from .slides import SlideReader, tissue_mask, CachedPatchDataset
+from .datasets import (DATASETS, DatasetCard, open_dataset, datasets_table, register_dataset, ClassFolderDataset,
+                             ImageMaskFolderDataset, VOCDetectionDataset, NpzDataset, NiftiSliceDataset,
+                             resize_longer_edge, pad_to_multiple, to_channels)
+from .sampler import TaskSampler, make_loader
+from .trainer import Trainer, plot_losses
+from .export import save_pretrained, from_pretrained, embed_images
+from .evaluation import (nested_subsets, extract_embeddings, fit_linear_probe, fine_tune, paired_ttest,
+                               compare_arms, table1_summary, plot_scarcity)

@@ -8,7 +8,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from monai.losses import DiceLoss, FocalLoss
 from .core import ConfigError, InputError
 
 # %% auto #0
@@ -122,6 +121,7 @@ class SegmentationLoss(nn.Module):
         super().__init__()
         if num_classes < 2: raise ConfigError(f"segmentation needs at least 2 classes (background included), got {num_classes}")
         self.num_classes = num_classes
+        from monai.losses import DiceLoss, FocalLoss  # imported here: MONAI takes seconds to import
         self.dice = DiceLoss(include_background=True, to_onehot_y=True, softmax=True, batch=True, ignore_index=-1)
         self.focal = FocalLoss(include_background=True, to_onehot_y=True, use_softmax=True, gamma=gamma, ignore_index=-1)
         self.dice_norm, self.focal_norm = dice_at_uniform(num_classes), focal_at_uniform(num_classes, gamma)
