@@ -47,7 +47,7 @@ export: $(STAMP)
 test: $(STAMP)
 	$(PY) tools/check_sync.py
 	$(VENV)/bin/nbdev_export
-	$(VENV)/bin/nbdev_test --timing --n_workers 2
+	OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --timing --n_workers 2
 	$(PY) -m pytest tests
 
 book: $(STAMP) browser

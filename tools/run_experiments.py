@@ -1,29 +1,103 @@
 """Execute the experiment chapters with papermill for one profile; the book renders these executed copies.
 
-Order matters (pretraining writes the weights the benchmarks read), so the chapters are listed here, not globbed.
+Order matters (pretraining writes the weights the benchmarks read), so the runs are listed here, not globbed.
+One source notebook may run several times with different parameters (the benchmark, once per target task): each
+run writes its own executed copy, book/executed/<run name>.ipynb, and may give it its own page title.
 """
-import argparse, sys, time
+import argparse, json, sys, time
+from dataclasses import dataclass, field
 from pathlib import Path
+import nbformat
 import papermill as pm
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAPTERS = ["shapes_classifier", "loaders_benchmark"]
 PROFILES = ("smoke", "cpu", "gpu")
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+@dataclass(frozen=True)
+class Run:
+    "One papermill execution: book/experiments/<source>.ipynb -> book/executed/<name>.ipynb."
+    name: str  # executed copy's file name (without .ipynb); what --only selects
+    source: str = ""  # source notebook name; default: `name`
+    parameters: dict = field(default_factory=dict)  # papermill parameters on top of `profile`
+    title: str | None = None  # replaces the first '# ' heading of the executed copy (its page title)
+
+    @property
+    def notebook(self) -> Path: return ROOT / "book/experiments" / f"{self.source or self.name}.ipynb"
+
+BENCHMARK_TASKS = {  # benchmark target task -> page title suffix
+    "brain_tumor_mri": "brain tumour MRI (in-domain)",
+    "kermany_pneumonia": "pediatric pneumonia X-ray (out-of-domain)",
+    "breastmnist": "BreastMNIST ultrasound (out-of-domain)",
+    "adrenalmnist3d": "AdrenalMNIST3D CT (out-of-domain)",
+}
+RUNS = [
+    Run("shapes_classifier"),
+    Run("loaders_benchmark"),
+    Run("training_performance"),
+    Run("pretraining"),
+    *[Run(f"benchmark_{task}", "benchmark", {"task": task}, f"Data-scarcity benchmark: {title}")
+      for task, title in BENCHMARK_TASKS.items()],
+    Run("findings"),
+]
+
+def select(names: list[str] | None, runs: list[Run] = RUNS) -> list[Run]:
+    "The runs named (by run name, or by source name for all its runs), in the listed order."
+    if not names: return list(runs)
+    known = {r.name for r in runs} | {r.source for r in runs if r.source}
+    unknown = [n for n in names if n not in known]
+    if unknown: raise SystemExit(f"unknown chapter(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+    return [r for r in runs if r.name in names or (r.source and r.source in names)]
+
+def set_title(path: Path, title: str) -> None:
+    "Replace the first '# ' heading of a notebook's markdown cells by `title`."
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "markdown": continue
+        lines = cell.source.split("\n")
+        for i, line in enumerate(lines):
+            if line.startswith("# "):
+                lines[i] = f"# {title}"; cell.source = "\n".join(lines); nbformat.write(nb, path); return
+    raise SystemExit(f"{path}: no '# ' heading to replace with the title {title!r}")
+
+def parse_params(items: list[str]) -> dict:
+    "NAME=VALUE pairs from the command line; VALUE is read as JSON when it parses (null, numbers, lists, dicts), else as text."
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier(): raise SystemExit(f"--param {item!r}: expected NAME=VALUE")
+        try: out[name] = json.loads(value)
+        except json.JSONDecodeError: out[name] = value
+    return out
+
+def execute(run: Run, profile: str, out_dir: Path, extra: dict | None = None) -> Path:
+    "Run one chapter with papermill (`extra` parameters only where the chapter declares them); returns the executed copy."
+    if not run.notebook.is_file(): raise SystemExit(f"{run.name}: source notebook {run.notebook.relative_to(ROOT)} not found")
+    declared = set(pm.inspect_notebook(str(run.notebook))) if extra else set()
+    out = out_dir / f"{run.name}.ipynb"
+    parameters = {"profile": profile, **{k: v for k, v in (extra or {}).items() if k in declared}, **run.parameters}
+    pm.execute_notebook(run.notebook, out, parameters=parameters, cwd=str(ROOT),
+                        kernel_name="python3", progress_bar=False, request_save_on_cell_execute=False)
+    if run.title: set_title(out, run.title)
+    return out
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="smoke", choices=PROFILES)
-    ap.add_argument("--only", nargs="*", default=None, help="run only these chapters")
-    args = ap.parse_args()
+    ap.add_argument("--only", nargs="*", default=None, help="run only these chapters (run names, or a source name for all its runs)")
+    ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra papermill parameter for every selected chapter that declares NAME (VALUE as JSON or text)")
+    ap.add_argument("--list", action="store_true", help="print the runs in order and exit")
+    args = ap.parse_args(argv)
+    runs, extra = select(args.only), parse_params(args.param)
+    if args.list:
+        for r in runs: print(f"{r.name:32s} {r.notebook.relative_to(ROOT)} {r.parameters or ''}")
+        return 0
     out_dir = ROOT / "book/executed"; out_dir.mkdir(parents=True, exist_ok=True)
-    for name in args.only or CHAPTERS:
-        if name not in CHAPTERS: sys.exit(f"unknown chapter {name!r}; known: {', '.join(CHAPTERS)}")
+    for run in runs:
         start = time.time()
-        print(f"[{args.profile}] {name} ...", flush=True)
-        pm.execute_notebook(ROOT / f"book/experiments/{name}.ipynb", out_dir / f"{name}.ipynb",
-                            parameters={"profile": args.profile}, cwd=str(ROOT), kernel_name="python3",
-                            progress_bar=False, request_save_on_cell_execute=False)
-        print(f"[{args.profile}] {name}: {time.time() - start:.0f} s", flush=True)
+        print(f"[{args.profile}] {run.name} ...", flush=True)
+        execute(run, args.profile, out_dir, extra)
+        print(f"[{args.profile}] {run.name}: {time.time() - start:.0f} s", flush=True)
     return 0
 
 if __name__ == "__main__": sys.exit(main())

@@ -1,0 +1,114 @@
+"""Experiment runner (tools/run_experiments.py), the benchmark chapter on synthetic data, and the findings verdicts."""
+import importlib.util, json, os, sys
+from pathlib import Path
+import nbformat
+import numpy as np
+import pandas as pd
+import papermill as pm
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("run_experiments", ROOT / "tools/run_experiments.py")
+runner = importlib.util.module_from_spec(spec); spec.loader.exec_module(runner)
+
+
+def test_runs_order_and_selection():
+    names = [r.name for r in runner.RUNS]
+    assert names.index("pretraining") < min(names.index(f"benchmark_{t}") for t in runner.BENCHMARK_TASKS) < names.index("findings")
+    assert len({r.name for r in runner.RUNS}) == len(runner.RUNS)  # every run has its own executed copy
+    picked = runner.select(["findings", "benchmark"])
+    assert [r.name for r in picked] == [f"benchmark_{t}" for t in runner.BENCHMARK_TASKS] + ["findings"]  # listed order kept
+    assert [r.name for r in runner.select(["benchmark_breastmnist"])] == ["benchmark_breastmnist"]
+    with pytest.raises(SystemExit, match="unknown chapter.*'nope'"): runner.select(["nope"])
+    for r in runner.RUNS: assert r.notebook.parent == ROOT / "book/experiments"
+
+
+def test_parse_params_and_set_title(tmp_path):
+    got = runner.parse_params(['arms={"imagenet": "/w.safetensors", "umedpt": null}', "task=breastmnist", "ft_steps=3"])
+    assert got == {"arms": {"imagenet": "/w.safetensors", "umedpt": None}, "task": "breastmnist", "ft_steps": 3}
+    with pytest.raises(SystemExit, match="NAME=VALUE"): runner.parse_params(["no-equals-sign"])
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_markdown_cell("intro\n# Old title\ntext")])
+    path = tmp_path / "n.ipynb"; nbformat.write(nb, path)
+    runner.set_title(path, "New title")
+    assert nbformat.read(path, as_version=4).cells[1].source == "intro\n# New title\ntext"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("no heading")]), path)
+    with pytest.raises(SystemExit, match="no '# ' heading"): runner.set_title(path, "x")
+
+
+def _run(name: str, cwd: Path, **parameters) -> nbformat.NotebookNode:
+    env = {k: v for k, v in os.environ.items() if k != "UMEDPT_DATA"}  # synthetic stand-in, whatever the caller set
+    old = os.environ.copy(); os.environ.clear(); os.environ.update(env)
+    try:
+        return pm.execute_notebook(str(ROOT / f"book/experiments/{name}.ipynb"), str(cwd / f"{name}.out.ipynb"), parameters=parameters,
+                                   cwd=str(cwd), kernel_name="python3", progress_bar=False)
+    finally: os.environ.clear(); os.environ.update(old)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    from umedpt.blocks import SharedBlocks
+    from umedpt.export import save_pretrained
+    torch.manual_seed(0)
+    return save_pretrained(SharedBlocks(pretrained=True, norm="frozen"), tmp_path_factory.mktemp("w") / "umedpt-test")
+
+
+def test_benchmark_runs_on_shapes_and_writes_the_table(tmp_path, weights):
+    _run("benchmark", tmp_path, profile="smoke", task="breastmnist", arms=["imagenet", "umedpt"], weights=str(weights),
+         fractions=[0.5, 1.0], seeds=[0, 1], ft_fractions=[0.5], ft_seeds=[0, 1], ft_steps=1)
+    out = tmp_path / "book/data/benchmark/synthetic"
+    df = pd.read_csv(out / "breastmnist.csv")
+    assert list(df.columns) == ["task", "arm", "setting", "fraction", "seed", "metric", "value"]
+    assert not (tmp_path / "book/data/benchmark/breastmnist.csv").exists()  # synthetic results never mix with real ones
+    # frozen: 2 arms × 2 fractions × 2 seeds × 3 metrics; fine-tuned: 2 arms × 1 fraction × 2 seeds × 3 metrics
+    assert len(df[df.setting == "frozen"]) == 24 and len(df[df.setting == "finetune"]) == 12
+    assert df.value.between(0, 1).all() and set(df.metric) == {"macro_f1", "accuracy", "auroc"}
+    full = df[(df.setting == "frozen") & (df.fraction == 1.0)]
+    assert full.groupby(["arm", "metric"]).value.nunique().eq(1).all()  # 100 %: the same subset for every seed
+    meta = json.loads((out / "breastmnist.json").read_text())
+    assert meta["real_data"] is False and meta["profile"] == "smoke" and set(meta["arms"]) == {"imagenet", "umedpt"}
+    assert list((tmp_path / "book/cache/benchmark").rglob("*.safetensors"))  # frozen features were cached
+
+
+def test_benchmark_without_weights_says_run_pretraining(tmp_path):
+    with pytest.raises(pm.PapermillExecutionError, match="Run the pretraining chapter first"):
+        _run("benchmark", tmp_path, profile="smoke", weights=str(tmp_path / "missing"), fractions=[1.0], seeds=[0])
+
+
+def _write(folder: Path, task: str, domain: str, means: dict, sd: float = 0.01, profile: str = "cpu", settings=("frozen",)):
+    "A results table with 5 seeds per (arm, setting, fraction), macro-F1 drawn around `means[arm][fraction]`, and its note."
+    rng, rows = np.random.default_rng(len(task)), []
+    for arm, per_fraction in means.items():
+        for fraction, mean in per_fraction.items():
+            for seed in range(5):
+                rows += [dict(task=task, arm=arm, setting=setting, fraction=fraction, seed=seed, metric="macro_f1",
+                              value=mean + sd * rng.standard_normal()) for setting in settings]
+    pd.DataFrame(rows).to_csv(folder / f"{task}.csv", index=False)
+    (folder / f"{task}.json").write_text(json.dumps(dict(task=task, domain=domain, profile=profile, settings={"size": 128},
+                                                          arms={"umedpt": {"weights": "x", "encoder": "e", "norm": "frozen"}})))
+
+
+def test_findings_verdicts_follow_the_data(tmp_path):
+    folder = tmp_path / "book/data/benchmark"; folder.mkdir(parents=True)
+    fr = (0.01, 0.1, 0.5, 1.0)
+    # in-domain: UMedPT at 1 % already beats ImageNet's best -> confirmed
+    _write(folder, "brain_tumor_mri", "in-domain", {"umedpt": dict(zip(fr, (0.90, 0.92, 0.93, 0.94))),
+                                                   "imagenet": dict(zip(fr, (0.60, 0.70, 0.80, 0.85)))})
+    # out-of-domain: UMedPT never reaches ImageNet's best and is worse at 1 % -> not confirmed
+    _write(folder, "breastmnist", "out-of-domain", {"umedpt": dict(zip(fr, (0.50, 0.55, 0.60, 0.65))),
+                                                   "imagenet": dict(zip(fr, (0.70, 0.75, 0.80, 0.85)))})
+    # a leftover smoke run where UMedPT wins everything: shown, but not counted
+    _write(folder, "kermany_pneumonia", "out-of-domain", {"umedpt": dict(zip(fr, (0.9, 0.9, 0.9, 0.9))),
+                                                         "imagenet": dict(zip(fr, (0.1, 0.1, 0.1, 0.1)))}, profile="smoke",
+           settings=("frozen", "finetune"))
+    _run("findings", tmp_path, profile="cpu")
+    claims = pd.read_csv(tmp_path / "book/data/findings.csv").set_index("claim")
+    row = lambda start: claims.loc[[c for c in claims.index if c.startswith(start)][0]]
+    verdict = lambda start: row(start).verdict
+    assert verdict("in-domain") == "confirmed"
+    assert verdict("out-of-domain") == "not confirmed"
+    assert "kermany_pneumonia" in row("out-of-domain").evidence and "smoke run: not counted" in row("out-of-domain").evidence
+    assert verdict("frozen:") == "mixed"  # better on one task, worse on the other
+    assert verdict("finetune:") == "not testable (smoke run)"  # only the smoke run fine-tuned: computed, not counted
+    assert "p = " in row("finetune:").evidence
+    assert verdict("memory").startswith("not testable")  # no performance tables in this folder
