@@ -60,7 +60,10 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 
+# Component pages run first into the execution cache (tools/execute_components.py: imports kept, two at a time);
+# jupyter-book then renders them from the cache and experiment chapters from their executed copies.
 html: $(STAMP)
+	$(PY) tools/execute_components.py
 	$(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going
 	@test -f _build/html/index.html && echo "book: _build/html/index.html"
 

@@ -8,8 +8,8 @@ from torch import nn
 from scipy import stats
 from umedpt.core import ConfigError, DataError, TrainingError
 from umedpt.evaluation import (FRACTIONS, RESULT_COLUMNS, cached_features, compare_arms, extract_embeddings, fine_tune,
-                               fit_linear_probe, nested_subsets, paired_ttest, plot_scarcity, probe_benchmark,
-                               results_frame, table1_summary)
+                               fine_tune_task, fit_linear_probe, fit_probe, linear_probe_task, nested_subsets, paired_ttest,
+                               plot_scarcity, probe_benchmark, results_frame, table1_summary, task_results)
 
 
 # --- nested subsets -------------------------------------------------------------------------------------------------
@@ -149,6 +149,68 @@ def test_fine_tune_learns_and_unfreezes():
 def test_fine_tune_bad_steps():
     with pytest.raises(ConfigError, match="steps"):
         fine_tune(nn.Linear(1, 1), nn.Linear(1, 1), lambda *a: None, lambda *a: None, [{}], steps=0, device="cpu")
+
+
+# --- dense probes (segmentation, detection) -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dense_blocks():
+    from umedpt.blocks import SharedBlocks
+    torch.manual_seed(0)
+    return SharedBlocks(norm="layernorm")
+
+
+def _shapes_batch(label_type, n=4, size=32, seed=0):
+    from umedpt.core import collate_samples
+    from umedpt.shapes import ShapesDataset
+    ds = ShapesDataset(label_type, n=n, size=size, seed=seed)
+    return ds.classes, collate_samples([ds[i] for i in range(n)])
+
+
+def test_fit_probe_trains_only_the_head_and_restores_flags(dense_blocks):
+    classes, batch = _shapes_batch("segmentation")
+    before = {k: v.clone() for k, v in dense_blocks.state_dict().items()}
+    frozen_before = next(dense_blocks.fpn.parameters())
+    frozen_before.requires_grad_(False)  # a flag the caller set must survive too
+    probe = linear_probe_task("segmentation", "seg", classes, dense_blocks)
+    w0 = probe.head.weight.clone()
+    try:
+        losses = fit_probe(probe, dense_blocks, [batch], steps=12, lr=1e-2, device="cpu")
+        assert all(torch.equal(v, dense_blocks.state_dict()[k]) for k, v in before.items())
+        assert not frozen_before.requires_grad
+        assert all(p.requires_grad for p in dense_blocks.pixel_decoder.parameters())
+        assert not torch.equal(probe.head.weight, w0) and not probe.training
+        assert len(losses) == 12 and losses[-1] < losses[0]
+    finally:
+        frozen_before.requires_grad_(True)
+
+
+def test_fit_probe_restores_flags_after_a_failure(dense_blocks):
+    classes, batch = _shapes_batch("segmentation")
+    probe = linear_probe_task("segmentation", "seg", classes, dense_blocks)
+    with pytest.raises(Exception):
+        fit_probe(probe, dense_blocks, [{"image": batch["image"]}], steps=1, device="cpu")  # no mask: the loss fails
+    assert all(p.requires_grad for p in dense_blocks.parameters())
+
+
+def test_linear_detection_probe_then_fine_tuning(dense_blocks):
+    import copy
+    classes, batch = _shapes_batch("detection")
+    blocks = copy.deepcopy(dense_blocks)
+    probe = linear_probe_task("detection", "det", classes, blocks)
+    assert len(probe.head.cls_tower) == 0 and len(probe.head.box_tower) == 0
+    fit_probe(probe, blocks, [batch], steps=2, device="cpu")
+    w_enc, w_head = blocks.encoder.state_dict(), probe.head.cls_logits.weight.clone()
+    w_enc = {k: v.clone() for k, v in w_enc.items()}
+    losses = fine_tune_task(blocks, probe, [batch], steps=2, lr_encoder=1e-3, lr_head=1e-3, device="cpu")
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert any(not torch.equal(v, blocks.encoder.state_dict()[k]) for k, v in w_enc.items())  # the encoder trained too
+    assert not torch.equal(probe.head.cls_logits.weight, w_head)
+    rows = task_results(probe, blocks, [batch], arm="a", setting="finetune", fraction=0.5, seed=3, metrics=["map_50"])
+    assert list(rows.columns) == list(RESULT_COLUMNS) and rows.metric.tolist() == ["map_50"]
+    assert rows.task.iloc[0] == "det" and rows.fraction.iloc[0] == 0.5 and 0 <= rows.value.iloc[0] <= 1
+    with pytest.raises(ConfigError, match="no metric"):
+        task_results(probe, blocks, [batch], arm="a", setting="frozen", fraction=1.0, seed=0, metrics=["miou"])
 
 
 # --- statistics -----------------------------------------------------------------------------------------------------

@@ -29,4 +29,5 @@ from .sampler import TaskSampler, make_loader
 from .trainer import Trainer, plot_losses
 from .export import save_pretrained, from_pretrained, embed_images
 from .evaluation import (nested_subsets, extract_embeddings, fit_linear_probe, fine_tune, paired_ttest,
-                               compare_arms, table1_summary, plot_scarcity)
+                               compare_arms, table1_summary, plot_scarcity, linear_probe_task, fit_probe,
+                               fine_tune_task, task_results)

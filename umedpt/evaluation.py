@@ -17,8 +17,8 @@ from .core import ConfigError, DataError, InputError, TrainingError, pick_device
 
 # %% auto #0
 __all__ = ['FRACTIONS', 'RESULT_COLUMNS', 'SETTINGS', 'nested_subsets', 'cached_features', 'extract_embeddings',
-           'fit_linear_probe', 'results_frame', 'probe_benchmark', 'fine_tune', 'TTest', 'paired_ttest', 'compare_arms',
-           'table1_summary', 'plot_scarcity']
+           'fit_linear_probe', 'results_frame', 'probe_benchmark', 'fine_tune', 'linear_probe_task', 'fit_probe',
+           'fine_tune_task', 'task_results', 'TTest', 'paired_ttest', 'compare_arms', 'table1_summary', 'plot_scarcity']
 
 # %% ../nbs/30_evaluation.ipynb #aebd1509
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -264,6 +264,77 @@ def fine_tune(
         losses.append(loss.item())
     blocks.eval(); head.eval()
     return losses
+
+# %% ../nbs/30_evaluation.ipynb #3a826dbe
+def linear_probe_task(
+    label_type: str,  # "classification", "multilabel", "segmentation" or "detection"
+    name: str,  # task name
+    classes: Sequence[str],  # class names (segmentation: background first; detection: objects only)
+    blocks: nn.Module,  # the `SharedBlocks` the probe will read (only their sizes are used here)
+    **options,  # passed to the task class (e.g. detection loss options)
+) -> nn.Module:
+    "A umedpt task whose head is a single linear layer on the blocks' output for its label type (see above)."
+    from umedpt.tasks import create_task
+    if label_type == "detection":
+        if options.get("num_convs", 0) != 0: raise ConfigError("linear_probe_task: a linear detection probe has num_convs=0")
+        options["num_convs"] = 0
+    return create_task(label_type, name, classes, blocks, **options)
+
+def fit_probe(
+    task: nn.Module,  # a umedpt task (e.g. from `linear_probe_task`); only its parameters are trained
+    blocks: nn.Module,  # the shared blocks: frozen (eval mode, no gradients), never changed
+    train_loader: Iterable[dict],  # batches in the sample convention; cycled until `steps` batches were used
+    steps: int,  # optimiser steps: a fixed budget, no validation set
+    lr: float = 1e-3,  # AdamW learning rate of the probe
+    weight_decay: float = 0.0,  # AdamW weight decay of the probe
+    device: str | torch.device | None = None,  # default: best available (see `pick_device`)
+) -> list[float]:
+    "Train a task's head on frozen blocks with the task's own normalised loss; returns the loss of every step."
+    if not isinstance(steps, (int, np.integer)) or steps < 1: raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    if not callable(getattr(task, "compute_loss", None)): raise ConfigError("fit_probe needs a umedpt task (with compute_loss); got " + type(task).__name__)
+    device = pick_device(device)
+    blocks.to(device).eval(); task.to(device).train()
+    flags = [p.requires_grad for p in blocks.parameters()]
+    for p in blocks.parameters(): p.requires_grad_(False)
+    opt = torch.optim.AdamW(task.parameters(), lr=lr, weight_decay=weight_decay)
+    losses, batches = [], _cycle(train_loader)
+    try:
+        for step in range(int(steps)):
+            loss = task.compute_loss(_to_device(next(batches), device), blocks)
+            if not torch.isfinite(loss): raise TrainingError(f"fit_probe ({task.name}): non-finite loss {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+            losses.append(loss.item())
+    finally:
+        for p, flag in zip(blocks.parameters(), flags): p.requires_grad_(flag)
+        task.eval()
+    return losses
+
+def fine_tune_task(
+    blocks: nn.Module,  # the shared blocks; all their parameters are trained (at `lr_encoder`)
+    task: nn.Module,  # a umedpt task whose head starts from the probe (at `lr_head`)
+    train_loader: Iterable[dict],  # batches in the sample convention
+    steps: int,  # optimiser steps
+    **options,  # passed to `fine_tune` (lr_encoder, lr_head, weight_decay, schedule, device)
+) -> list[float]:
+    "`fine_tune` for a umedpt task of any label type, with the task's own forward pass and normalised loss."
+    return fine_tune(blocks, task, lambda b, t, batch: t(batch, b), lambda out, batch: task.loss_from(out, batch),
+                     train_loader, steps, **options)
+
+def task_results(
+    task: nn.Module,  # a trained umedpt task
+    blocks: nn.Module,  # the shared blocks it runs on
+    loader: Iterable[dict],  # test batches
+    arm: str, setting: str, fraction: float, seed: int,  # written into the results table
+    metrics: Sequence[str] | None = None,  # which of the task's metrics to keep; default all
+    name: str | None = None,  # task name in the table; default `task.name`
+) -> pd.DataFrame:
+    "Score a task with its own metrics (`Task.evaluate`) as rows of the results table."
+    if setting not in SETTINGS: raise ConfigError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    scores = task.evaluate(loader, blocks)
+    unknown = [m for m in (metrics or []) if m not in scores]
+    if unknown: raise ConfigError(f"task {task.name!r} has no metric(s) {unknown}; it reports {sorted(scores)}")
+    return results_frame([dict(task=name or task.name, arm=arm, setting=setting, fraction=fraction, seed=seed, metric=m,
+                               value=float(scores[m])) for m in (metrics or list(scores))])
 
 # %% ../nbs/30_evaluation.ipynb #c8167513
 @dataclass(frozen=True)

@@ -166,10 +166,11 @@ class DetectionTask(Task):
                  in_channels: int,  # FPN channels, `BlocksConfig.fpn_channels`
                  strides: Sequence[int] = (8, 16, 32, 64, 128),  # FPN strides, `SharedBlocks.fpn.strides`
                  score_thresh: float = 0.05,  # minimum detection score when predicting
+                 num_convs: int = 2,  # 3×3 conv layers in each tower of the head (0: a linear head, the frozen-setting probe)
                  **loss_options,  # passed to `FCOSLoss` (size_ranges, center_radius, ...)
                 ):
         super().__init__(name, classes)
-        self.head = FCOSHead(in_channels, self.num_classes, strides=strides)
+        self.head = FCOSHead(in_channels, self.num_classes, num_convs=num_convs, strides=strides)
         self.loss_fn = FCOSLoss(self.num_classes, **loss_options)
         self.score_thresh = score_thresh
 
