@@ -1,5 +1,5 @@
 """tools/execute_components.py: component pages executed into myst-nb's cache are found there by their hash."""
-import sys
+import subprocess, sys
 from pathlib import Path
 import nbformat
 import pytest
@@ -40,3 +40,17 @@ def test_executed_pages_match_in_the_cache_and_failures_are_reported(tmp_path):
     # a second run finds the good page cached and executes only the failing one again
     assert tool.execute_into_cache([ok, bad], tmp_path / "cache", workers=1) == [bad]
     assert cache.match_cache_notebook(nbformat.read(ok, as_version=4)).pk == record.pk
+
+
+def test_the_script_runs_several_pages_per_worker(tmp_path):
+    # as a script, with one worker running every page: a page's IPython shell must not break the next one's dispatch
+    pages = [_notebook(tmp_path / f"p{i}.ipynb", f"print({i} * 2)") for i in range(3)]
+    r = subprocess.run([sys.executable, str(ROOT / "tools/execute_components.py"), "--workers", "1", "--cache",
+                        str(tmp_path / "cache"), *map(str, pages)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "executed 3 page(s)" in r.stdout
+    from jupyter_cache import get_cache
+    cache = get_cache(str(tmp_path / "cache"))
+    for i, page in enumerate(pages):
+        _, merged = cache.merge_match_into_notebook(nbformat.read(page, as_version=4))
+        assert merged.cells[1].outputs[0]["text"].strip() == str(i * 2)

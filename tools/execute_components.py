@@ -59,8 +59,10 @@ def execute_into_cache(pages: list[Path], cache_path: str | Path, workers: int =
     if not todo: return []
     os.environ["OMP_NUM_THREADS"] = "1"  # read by torch when a worker imports it
     start, failed = time.time(), []
+    # submitted by module name: a page's IPython shell replaces the worker's __main__, where a script's _execute lives
+    from execute_components import _execute as run_page
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        for future in as_completed([pool.submit(_execute, str(p)) for p in todo]):
+        for future in as_completed([pool.submit(run_page, str(p)) for p in todo]):
             path, seconds, outputs, error = future.result()
             if error:
                 failed.append(Path(path)); print(f"{path}: FAILED after {seconds:.0f} s\n{error}", file=sys.stderr, flush=True); continue
@@ -78,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default=str(ROOT / ".jupyter_cache"), help="myst-nb's execution cache (_config.yml: execute.cache)")
     ap.add_argument("--workers", type=int, default=2, help="notebooks executed at once (one torch thread each)")
+    ap.add_argument("pages", nargs="*", type=Path, help="notebooks to execute (default: the component pages of _toc.yml)")
     args = ap.parse_args(argv)
-    failed = execute_into_cache(component_pages(), args.cache, args.workers)
+    failed = execute_into_cache(args.pages or component_pages(), args.cache, args.workers)
     if failed: print(f"failed: {', '.join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in failed)}", file=sys.stderr)
     return 1 if failed else 0
 
