@@ -104,6 +104,9 @@ def test_tiny_boxes_are_counted_as_unassigned():
 def test_bad_configuration_and_inputs():
     with pytest.raises(ConfigError, match="at least one class"): FCOSLoss(0)
     with pytest.raises(ConfigError, match="prior"): FCOSHead(16, 2, prior=1.5)
+    with pytest.raises(ConfigError, match="num_convs"): FCOSHead(16, 2, num_convs=-1)
+    with pytest.raises(ConfigError, match="num_convs"): FCOSHead(16, 2, num_convs=1.5)
+    assert len(FCOSHead(16, 2, num_convs=0).cls_tower) == 0  # the linear head of the detection probe
     head = FCOSHead(16, 2)
     feats = [torch.randn(1, 16, 8 // 2 ** i + 1, 8 // 2 ** i + 1) for i in range(5)]
     with pytest.raises(InputError, match="level 2 must be B×16"):

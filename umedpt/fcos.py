@@ -94,6 +94,8 @@ class FCOSHead(nn.Module):
         super().__init__()
         if num_classes < 1: raise ConfigError(f"FCOSHead needs at least one class, got num_classes={num_classes}")
         if not 0 < prior < 1: raise ConfigError(f"prior must lie in (0, 1), got {prior}")
+        if not isinstance(num_convs, int) or num_convs < 0:
+            raise ConfigError(f"num_convs (3×3 convs per tower; 0 = linear head) must be an integer ≥ 0, got {num_convs!r}")
         self.in_channels, self.num_classes, self.strides = in_channels, num_classes, list(strides)
         self.cls_tower, self.box_tower = _tower(in_channels, num_convs), _tower(in_channels, num_convs)
         self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
