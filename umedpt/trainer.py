@@ -173,7 +173,7 @@ class Trainer:
         logs = self.out_dir if self.rank == 0 else None
         self.losses = CsvLog(logs / "losses.csv" if logs else None, LOSS_COLUMNS)
         self.metrics = CsvLog(logs / "metrics.csv" if logs else None, METRIC_COLUMNS)
-        self.step = self.item = 0
+        self.step = self.item = self.start_step = 0
 
     @property
     def checkpoint_path(self) -> Path | None: return self.out_dir / CHECKPOINT if self.out_dir is not None else None
@@ -280,6 +280,7 @@ def fit(self: Trainer,
     path = self.checkpoint_path if resume is True else resume
     if path and Path(path).exists(): self.load_checkpoint(path)
     elif resume not in (None, False, True): raise ConfigError(f"resume: checkpoint {path} does not exist")
+    self.start_step = self.step  # where this fit began: 0, or the step of the checkpoint it resumed
     self.model.train()
     bar = tqdm(total=steps, initial=self.step, disable=not self.progress or self.rank != 0, desc="training")
     running, rows, items = {}, [], iter(self.sampler)
