@@ -4,14 +4,18 @@
 
 # %% ../nbs/00_core.ipynb #dfe603b8
 from __future__ import annotations
-import os, random
+import os, random, shutil, uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 import numpy as np
 import torch
 
+
 # %% auto #0
 __all__ = ['DATA_ENV', 'SAMPLE_KEYS', 'UmedptError', 'ConfigError', 'DataError', 'DataRootError', 'InputError', 'TrainingError',
-           'data_root', 'seed_everything', 'pick_device', 'check_sample', 'collate_samples', 'show_sample']
+           'data_root', 'atomic_write', 'seed_everything', 'pick_device', 'check_sample', 'collate_samples',
+           'to_device', 'show_sample']
 
 # %% ../nbs/00_core.ipynb #ef1b5df0
 class UmedptError(Exception):
@@ -51,6 +55,36 @@ def data_root(
         if not required: return None
         raise DataRootError(f"{DATA_ENV}={value!r} is not a directory (needed for {what})")
     return root
+
+# %% ../nbs/00_core.ipynb #4d888f59
+def _swap_dir(tmp: Path, path: Path) -> None:
+    "Replace the folder (or file) `path` by the folder `tmp`; the previous `path` is put back if the swap fails."
+    if not path.exists(): os.replace(tmp, path); return
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(path, old)
+    try: os.replace(tmp, path)
+    except BaseException: os.replace(old, path); raise
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+@contextmanager
+def atomic_write(
+    path: str | Path,  # the file or folder to (re)write; parent folders are created
+) -> Iterator[Path]:
+    "Yield a temporary path next to `path` to write to; on success it replaces `path`, on error `path` is untouched."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        yield tmp
+        if not tmp.exists(): raise UmedptError(f"{path}: nothing was written to the temporary path {tmp.name}")
+        if tmp.is_dir(): _swap_dir(tmp, path)
+        else:
+            with open(tmp, "rb+") as f: os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        if tmp.is_dir(): shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists(): tmp.unlink()
+
 
 # %% ../nbs/00_core.ipynb #d783d5a3
 def seed_everything(seed: int) -> int:
@@ -134,6 +168,18 @@ def collate_samples(
     batch["image_size"] = torch.tensor([list(s["image"].shape[-2:]) for s in samples])  # unpadded (H, W)
     if "meta" in first: batch["meta"] = [s.get("meta", {}) for s in samples]
     return batch
+
+# %% ../nbs/00_core.ipynb #3febd0d1
+def to_device(
+    batch,  # a tensor, or a dict / list / tuple nesting tensors (a collated batch)
+    device: torch.device | str,  # where to move the tensors
+):
+    "Move every tensor in a (nested) batch to `device`; anything else is returned as it is."
+    if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict): return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)): return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
 
 # %% ../nbs/00_core.ipynb #e262c0c5
 def show_sample(
