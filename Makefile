@@ -1,5 +1,5 @@
 # umedpt: two commands do all set-up on a fresh machine.
-#   make test   export check, notebook tests, pytest
+#   make test   export check, style (ruff), notebook tests, pytest
 #   make book   run the experiment chapters for PROFILE (smoke|cpu|gpu) and build the book into _build/html
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -24,7 +24,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: help test book html env export browser clean-book
 
 help:
-	@echo "make test              export check, notebook tests (nbdev_test) and pytest"
+	@echo "make test              export check, style (ruff), notebook tests (nbdev_test) and pytest"
 	@echo "make book PROFILE=...  run experiment chapters (smoke|cpu|gpu) with papermill, build _build/html"
 	@echo "make html              build _build/html from the committed executed chapters (no training)"
 	@echo "make env               create or update the project virtualenv in .venv/"
@@ -46,13 +46,16 @@ export: $(STAMP)
 
 test: $(STAMP)
 	$(PY) tools/check_sync.py
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/nbdev_export
 	OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --timing --n_workers 2
 	$(PY) -m pytest tests
 
+# Only PROFILE=cpu rewrites the published chapters (book/executed, book/data); other profiles write to _preview/
+# and the book is built from a staged source that shows them, so `make book` never dirties the tree.
 book: $(STAMP) browser
 	$(PY) tools/run_experiments.py --profile $(PROFILE)
-	$(MAKE) html
+	$(MAKE) html EXECUTED=$(if $(filter cpu,$(PROFILE)),,_preview/executed)
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_book_browser.py
 
 # Headless Chromium + ChromeDriver (Debian packages) for the book's browser check.
@@ -62,10 +65,12 @@ browser:
 
 # Component pages run first into the execution cache (tools/execute_components.py: imports kept, two at a time);
 # jupyter-book then renders them from the cache and experiment chapters from their executed copies.
+EXECUTED ?=
 html: $(STAMP)
 	$(PY) tools/execute_components.py
-	$(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going
+	src="$$($(PY) tools/book_source.py $(if $(EXECUTED),--executed $(EXECUTED)))" && \
+	  $(VENV)/bin/jupyter-book build "$$src" --path-output . --builder html --warningiserror --keep-going
 	@test -f _build/html/index.html && echo "book: _build/html/index.html"
 
 clean-book:
-	rm -rf _build .jupyter_cache
+	rm -rf _build .jupyter_cache _preview

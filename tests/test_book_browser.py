@@ -20,7 +20,8 @@ def browser():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
     if not (chromium and driver_path):
-        pytest.fail("Chromium and ChromeDriver are needed for the book check: `make browser` installs them (Debian packages)")
+        pytest.fail("Chromium and ChromeDriver are needed for the book check: "
+                    "`make browser` installs them (Debian packages)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()

@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 
 from umedpt.core import ConfigError, DataError, DataRootError, check_sample, collate_samples
-from umedpt.datasets import (DATASETS, ClassFolderDataset, ImageMaskFolderDataset, NpzDataset, VOCDetectionDataset,
-                             boxes_from_mask, kermany_patient, open_dataset, pad_to_multiple, resize_longer_edge,
-                             seeded_split, to_channels, write_voc)
+from umedpt.adapters import (ClassFolderDataset, ImageMaskFolderDataset, NpzDataset, VOCDetectionDataset, open_folder,
+                             write_voc)
+from umedpt.catalogue import datasets_table, kermany_patient, open_dataset
+from umedpt.images import boxes_from_mask, pad_to_multiple, resize_longer_edge, to_channels
+from umedpt.registry import DATASETS, check_dataset, seeded_split
 from umedpt.shapes import ShapesDataset
 
 
@@ -89,7 +91,8 @@ def test_voc_class_outside_classes(tmp_path):
 
 def test_box_outside_image(tmp_path):
     write_voc(tmp_path, {"train": ["a"]}, {"a": [("cell", 1, 1, 5, 5), ("cell", 20, 2, 40, 9)]}, size=(24, 32))
-    with pytest.raises(DataError, match=r"a\.xml: out-of-image box .*image 32×24"): VOCDetectionDataset(tmp_path, "train")
+    with pytest.raises(DataError, match=r"a\.xml: out-of-image box .*image 32×24"):
+        VOCDetectionDataset(tmp_path, "train")
     with pytest.warns(UserWarning, match="fixed 1 bad box"):
         ds = VOCDetectionDataset(tmp_path, "train", bad_boxes="clip")
     assert ds[0]["boxes"].tolist() == [[0, 0, 5, 5], [19, 1, 32, 9]]
@@ -119,29 +122,84 @@ def test_missing_roots(tmp_path, monkeypatch):
     with pytest.raises(DataRootError, match="folder not found"): ClassFolderDataset(tmp_path / "nowhere")
     with pytest.raises(DataRootError, match="VOC folder not found"): VOCDetectionDataset(tmp_path / "nowhere")
     with pytest.raises(DataRootError, match="npz file not found"): NpzDataset(tmp_path / "nowhere.npz")
-    with pytest.raises(DataRootError, match=r"dataset 'bccd_detection': .*bccd_detection/BCCD does not exist; expected layout"):
+    with pytest.raises(DataRootError,
+                       match=r"dataset 'bccd_detection': .*bccd_detection/BCCD does not exist; expected layout"):
         open_dataset("bccd_detection", root=tmp_path)
     monkeypatch.delenv("UMEDPT_DATA", raising=False)
-    with pytest.raises(DataRootError, match="dataset 'bccd_detection' was requested but the environment variable UMEDPT_DATA"):
+    with pytest.raises(DataRootError,
+                       match="dataset 'bccd_detection' was requested but the environment variable UMEDPT_DATA"):
         open_dataset("bccd_detection")
 
 
 def test_missing_splits(tmp_path):
-    with pytest.raises(ConfigError, match="'kvasir_seg_256' has no split 'valid'; its splits are"): open_dataset("kvasir_seg_256", "valid", root=tmp_path)
+    with pytest.raises(ConfigError, match="'kvasir_seg_256' has no split 'valid'; its splits are"):
+        open_dataset("kvasir_seg_256", "valid", root=tmp_path)
     write_voc(tmp_path / "voc", {"train": ["a"]}, {"a": [("cell", 1, 1, 5, 5)]})
-    with pytest.raises(DataError, match=r"val\.txt: split file not found; voc has splits \['train'\]"): VOCDetectionDataset(tmp_path / "voc", "val")
+    with pytest.raises(DataError, match=r"val\.txt: split file not found; voc has splits \['train'\]"):
+        VOCDetectionDataset(tmp_path / "voc", "val")
     np.savez(tmp_path / "s.npz", train_images=np.zeros((2, 4, 4), np.uint8), train_labels=np.zeros(2, np.int64))
-    with pytest.raises(DataError, match=r"s\.npz: no split 'test'.*it has splits \['train'\]"): NpzDataset(tmp_path / "s.npz", "test")
+    with pytest.raises(DataError, match=r"s\.npz: no split 'test'.*it has splits \['train'\]"):
+        NpzDataset(tmp_path / "s.npz", "test")
 
 
 def test_bad_options(tmp_path):
     _png(tmp_path / "a" / "x.png", _noise(4, 4))
     with pytest.raises(ConfigError, match="unknown dataset 'kvasir'"): open_dataset("kvasir")
-    with pytest.raises(ConfigError, match=r"takes no option \['three_class'\]"): open_dataset("bccd_detection", three_class=True)
+    with pytest.raises(ConfigError, match=r"takes no option \['three_class'\]"):
+        open_dataset("bccd_detection", three_class=True)
     with pytest.raises(ConfigError, match="channels must be a positive int"): ClassFolderDataset(tmp_path, channels=0)
     with pytest.raises(ConfigError, match="size must be a positive int"): ClassFolderDataset(tmp_path, size=-3)
-    with pytest.raises(ConfigError, match="bad_boxes must be one of"): write_voc(tmp_path / "v", {"train": ["a"]}, {"a": []}) and \
+    with pytest.raises(ConfigError, match="bad_boxes must be one of"):
+        write_voc(tmp_path / "v", {"train": ["a"]}, {"a": []}) and \
         VOCDetectionDataset(tmp_path / "v", bad_boxes="drop")
+
+
+def test_check_dataset_lists_every_bad_file_at_once(tmp_path):
+    for k in range(3): _png(tmp_path / "good" / f"{k}.png", _noise(16, 16, seed=k))
+    cut = _png(tmp_path / "bad" / "cut.png", _noise(64, 64))
+    cut.write_bytes(cut.read_bytes()[:200])  # a truncated PNG: valid header, then nothing
+    (tmp_path / "bad" / "text.png").write_text("not an image, whatever the extension says")
+    (tmp_path / "bad" / "empty.jpg").write_bytes(b"")
+    problems = check_dataset(ClassFolderDataset(tmp_path), progress=False)
+    assert list(problems.columns) == ["index", "file", "error"]
+    assert sorted(Path(f).name for f in problems["file"]) == ["cut.png", "empty.jpg", "text.png"]
+    assert all("cannot read the image" in e for e in problems["error"])
+    for f in (tmp_path / "bad").iterdir(): f.unlink()
+    _png(tmp_path / "bad" / "fixed.png", _noise(16, 16))
+    assert check_dataset(ClassFolderDataset(tmp_path), progress=False).empty
+
+
+def test_open_folder_layouts_and_errors(seg_folder, tmp_path):
+    assert open_folder(seg_folder, "masks")[0]["mask"].shape == (12, 16)
+    write_voc(tmp_path / "voc", {"train": ["a"]}, {"a": [("cell", 1, 1, 5, 5)]})
+    assert open_folder(tmp_path / "voc", "voc").num_boxes == 1
+    with pytest.raises(ConfigError, match="unknown layout 'coco'"): open_folder(seg_folder, "coco")
+    with pytest.raises(ConfigError, match=r"layout='masks'\) takes no option \['label_fn'\]"):
+        open_folder(seg_folder, "masks", label_fn=str)
+    with pytest.raises(ConfigError, match="pass images= the sub-folder"): open_folder(seg_folder, "masks", images="img")
+    with pytest.raises(ConfigError, match="layout='voc'.*lacks Annotations/"): open_folder(seg_folder, "voc")
+
+
+def test_jpeg_masks_need_a_threshold(tmp_path):
+    truth = np.zeros((24, 32), np.uint8); truth[4:18, 6:25] = 1
+    _png(tmp_path / "images" / "0.png", _noise(24, 32))
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(truth * 255).save(tmp_path / "masks" / "0.jpg", quality=50)  # lossy: edges blur into 1..254
+    ds = open_folder(tmp_path, "masks", mask_suffix=".jpg", mask_threshold=127)
+    assert torch.equal(ds[0]["mask"], torch.from_numpy(truth.astype(np.int64)))
+    with pytest.raises(DataError, match="outside the declared classes"):
+        open_folder(tmp_path, "masks", mask_suffix=".jpg")[0]
+    with pytest.raises(ConfigError, match="mask_threshold is for binary masks"):
+        open_folder(tmp_path, "masks", classes=["bg", "a", "b"], mask_suffix=".jpg", mask_threshold=127)
+
+
+def test_cards_state_licence_and_weight_redistribution():
+    table = datasets_table()
+    assert {"licence", "weights redistributable"} <= set(table.columns)
+    assert not DATASETS["kvasir_seg_256"].weights_redistributable
+    for card in DATASETS.values():
+        assert card.licence and isinstance(card.weights_redistributable, bool), card.name
+        if card.weights_redistributable and "CC BY" in card.licence: assert "attribution" in card.licence, card.name
 
 
 # ---------------------------------------------------------------- geometry: resizing and padding keep labels aligned
@@ -166,7 +224,8 @@ def test_resize_keeps_masks_and_boxes_aligned(size):
         fg = torch.nonzero(t["mask"] > 0)
         tight = torch.tensor([fg[:, 1].min(), fg[:, 0].min(), fg[:, 1].max() + 1, fg[:, 0].max() + 1]).float()
         box = t["boxes"][0]
-        assert (tight[:2] >= box[:2] - 0.5).all() and (tight[2:] <= box[2:] + 0.5).all(), (tight, box)  # mask within box
+        # mask within box
+        assert (tight[:2] >= box[:2] - 0.5).all() and (tight[2:] <= box[2:] + 0.5).all(), (tight, box)
         if s["box_labels"][0] != 2:  # and close to it, except for triangles, whose thin tips may vanish when shrinking
             assert (tight - box).abs().max() <= 1.5, (tight, box)
         assert set(t["mask"].unique().tolist()) <= set(s["mask"].unique().tolist())  # nearest: no new class ids
@@ -176,7 +235,8 @@ def test_pad_keeps_coordinates_and_marks_padding_ignore():
     s = _scene_sample(ShapesDataset("detection", 1, size=(45, 70), seed=0), 0)
     p = pad_to_multiple(s, 32)
     assert p["image"].shape[-2:] == (64, 96) and p["meta"]["unpadded_size"] == (45, 70)
-    assert torch.equal(p["mask"][:45, :70], s["mask"]) and (p["mask"][45:] == -1).all() and (p["mask"][:, 70:] == -1).all()
+    assert torch.equal(p["mask"][:45, :70], s["mask"])
+    assert (p["mask"][45:] == -1).all() and (p["mask"][:, 70:] == -1).all()
     assert torch.equal(p["boxes"], s["boxes"]) and (p["image"][:, 45:] == 0).all()
     batch = collate_samples([p, s])  # padded and unpadded samples collate to the same size
     assert batch["image"].shape == (2, 3, 64, 96)
@@ -215,8 +275,10 @@ def test_seeded_split_is_deterministic_disjoint_and_grouped():
     assert a == seeded_split(keys, {"train": .7, "val": .15, "test": .15}, seed=5, strata=strata)
     assert sorted(sum(a.values(), [])) == list(range(200))
     groups = {s: {keys[i] for i in idx} for s, idx in a.items()}
-    assert not (groups["train"] & groups["val"]) and not (groups["train"] & groups["test"]) and not (groups["val"] & groups["test"])
-    with pytest.raises(ConfigError, match="appears in two strata"): seeded_split(["a", "a"], {"train": 1.0}, strata=[0, 1])
+    assert not (groups["train"] & groups["val"]) and not (groups["train"] & groups["test"])
+    assert not (groups["val"] & groups["test"])
+    with pytest.raises(ConfigError, match="appears in two strata"):
+        seeded_split(["a", "a"], {"train": 1.0}, strata=[0, 1])
 
 
 def test_kermany_patient_ids():
@@ -245,8 +307,8 @@ def test_every_card_matches_its_files(real_data):
 
 
 def test_splits_are_disjoint_deterministic_and_complete(real_data):
-    whole = {"kvasir_seg_256": 998, "dsb2018_nuclei": 664, "brain_tumor_mri_224": 5708 + 1311, "kermany_pneumonia_cxr_224": 5216 + 624,
-             "bccd_detection": 364}
+    whole = {"kvasir_seg_256": 998, "dsb2018_nuclei": 664, "brain_tumor_mri_224": 5708 + 1311,
+             "kermany_pneumonia_cxr_224": 5216 + 624, "bccd_detection": 364}
     for name, total in whole.items():
         parts = {s: _paths(_open_quiet(name, s)) for s in ("train", "val", "test")}
         assert parts["train"] == _paths(_open_quiet(name, "train")), name  # same files, same order, every time
@@ -267,7 +329,8 @@ def test_bccd(real_data):
     for ds in (train, val, test): counts.update(ds.label_counts())
     assert dict(counts) == {"RBC": 4155 - 2, "WBC": 372, "Platelets": 361}  # 4,888 boxes minus the 2 documented
     assert len(train.box_notes) + len(val.box_notes) == 2
-    with pytest.raises(DataError, match="BloodImage_00343.xml: degenerate box"): open_dataset("bccd_detection", bad_boxes="error")
+    with pytest.raises(DataError, match="BloodImage_00343.xml: degenerate box"):
+        open_dataset("bccd_detection", bad_boxes="error")
     s = train[0]
     assert s["image"].shape == (3, 480, 640) and len(s["boxes"]) == len(train.items[0]["box_labels"]) > 0
 
@@ -295,7 +358,8 @@ def test_dsb2018(real_data):
     det = [_open_quiet("dsb2018_nuclei", s, label_type="detection") for s in ("train", "val", "test")]
     assert sum(len(d) for d in det) == 664 and sum(d.label_counts()["nucleus"] for d in det) == 28986
     seg = _open_quiet("dsb2018_nuclei", "train")
-    i = next(k for k, it in enumerate(seg.items) if "boxes" not in it and Image.open(it["path"]).size[0] != Image.open(it["path"]).size[1])
+    i = next(k for k, it in enumerate(seg.items)
+             if "boxes" not in it and Image.open(it["path"]).size[0] != Image.open(it["path"]).size[1])
     s, d = seg[i], det[0][i]
     assert s["image"].shape[-2:] == s["mask"].shape and s["mask"].shape[0] != s["mask"].shape[1]  # a non-square image
     inst = np.asarray(Image.open(seg.items[i]["mask"])).astype(np.int64)
@@ -316,7 +380,8 @@ def test_brain_tumor(real_data):
     assert {"L", "RGB"} <= set(modes)  # the set mixes grey and colour JPEGs ...
     for k in (modes["L"], modes["RGB"]):  # ... and both come out with 3 channels by default, 1 on request
         assert te[k]["image"].shape == (3, 224, 224)
-        assert te.prep.channels == 3 and _open_quiet("brain_tumor_mri_224", "test", channels=1)[k]["image"].shape == (1, 224, 224)
+        assert te.prep.channels == 3
+        assert _open_quiet("brain_tumor_mri_224", "test", channels=1)[k]["image"].shape == (1, 224, 224)
 
 
 def test_kermany(real_data):
@@ -349,7 +414,8 @@ def test_adrenal_volumes_become_slices(real_data):
     centre = open_dataset("medmnist_small/adrenalmnist3d", "val", channels=1)
     assert torch.allclose(centre[3]["image"][0], torch.from_numpy(raw[3, 14] / 255).float())
     every = open_dataset("medmnist_small/adrenalmnist3d", "val", slices="all", channels=1)
-    assert len(every) == 98 * 28 and torch.allclose(every[3 * 28 + 5]["image"][0], torch.from_numpy(raw[3, 5] / 255).float())
+    assert len(every) == 98 * 28
+    assert torch.allclose(every[3 * 28 + 5]["image"][0], torch.from_numpy(raw[3, 5] / 255).float())
     assert every[3 * 28 + 5]["label"] == centre[3]["label"]
     assert len(open_dataset("medmnist_small/adrenalmnist3d_64", "val")) == 98
 
@@ -371,7 +437,8 @@ def test_totalsegmentator(real_data):
     stream = open_dataset("totalsegmentator_ct_mr_3d", samples_per_epoch=5, size=64)
     got = list(stream)
     assert len(got) == 5 and all(max(g["image"].shape[-2:]) == 64 for g in got)
-    assert [g["meta"]["slice"] for g in got] == [g["meta"]["slice"] for g in open_dataset("totalsegmentator_ct_mr_3d", samples_per_epoch=5, size=64)]
+    again = open_dataset("totalsegmentator_ct_mr_3d", samples_per_epoch=5, size=64)
+    assert [g["meta"]["slice"] for g in got] == [g["meta"]["slice"] for g in again]
 
 
 def test_loader_batches(real_data):
@@ -388,4 +455,5 @@ def test_wsi_patches_have_no_labels(real_data):
     assert len(got) == 6
     for s in got:
         assert s["image"].shape == (3, 96, 96) and not set(s) & {"label", "labels", "mask", "boxes"}
-        assert s["meta"]["slide"] in {"cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"} and s["meta"]["level"] == 0
+        assert s["meta"]["slide"] in {"cmu-1-small-region.svs", "tcga-cr-7395-01a-01-ts1.svs"}
+        assert s["meta"]["level"] == 0

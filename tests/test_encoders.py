@@ -1,4 +1,5 @@
-"""Encoders, norm swapping and shared blocks: ImageNet weights offline, shapes, batch independence, weights files, bad input."""
+"""Encoders, norm swapping and shared blocks: ImageNet weights offline, shapes, batch independence, weights files,
+bad input."""
 import numpy as np
 import pytest
 import timm
@@ -8,7 +9,8 @@ from safetensors.torch import save_file
 from skimage import data as skdata
 
 from umedpt.core import ConfigError, DataError, InputError
-from umedpt.encoders import ENCODERS, create_encoder, efficientnet_lite0_imagenet, global_embedding, load_encoder_weights
+from umedpt.encoders import (ENCODERS, create_encoder, efficientnet_lite0_imagenet, global_embedding,
+                             load_encoder_weights)
 from umedpt.norms import SampleLayerNorm, swap_norms
 from umedpt.blocks import BlocksConfig, SharedBlocks
 
@@ -70,7 +72,8 @@ def test_documented_shapes(name, size, channels):
     assert enc.channels == channels == enc.body.feature_info.channels()
     assert enc.strides == [4, 8, 16, 32] == enc.body.feature_info.reduction()
     with torch.no_grad(): feats = enc(torch.rand(1, 3, *size))
-    assert [tuple(f.shape) for f in feats] == [(1, c, size[0] // s, size[1] // s) for c, s in zip(channels, enc.strides)]
+    assert [tuple(f.shape) for f in feats] == [(1, c, size[0] // s, size[1] // s)
+                                               for c, s in zip(channels, enc.strides)]
     assert global_embedding(feats).shape == (1, channels[-1])
 
 
@@ -98,15 +101,17 @@ def test_own_weights_roundtrip_and_errors(tmp_path):
     save_file(src.state_dict(), tmp_path / "enc.safetensors")
     dst = create_encoder("resnet18", pretrained=tmp_path / "enc.safetensors")
     assert torch.equal(dst.body.conv1.weight, src.body.conv1.weight)
-    save_file({k: v for k, v in src.state_dict().items() if k != "body.fc.weight" and "layer4" not in k} | {"extra": torch.zeros(1)},
-              tmp_path / "partial.safetensors")
+    save_file({k: v for k, v in src.state_dict().items() if k != "body.fc.weight" and "layer4" not in k}
+              | {"extra": torch.zeros(1)}, tmp_path / "partial.safetensors")
     with pytest.raises(DataError, match=r"missing \d+ key\(s\).*unexpected 1 \[extra\]"):
         create_encoder("resnet18", pretrained=tmp_path / "partial.safetensors")
     with pytest.raises(DataError, match="shape mismatch"):
         load_encoder_weights(create_encoder("resnet18", in_chans=1), tmp_path / "enc.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
-    with pytest.raises(DataError, match="not a readable safetensors"): create_encoder("resnet18", pretrained=tmp_path / "junk.safetensors")
-    with pytest.raises(ConfigError, match="no such file"): create_encoder("resnet18", pretrained=tmp_path / "nope.safetensors")
+    with pytest.raises(DataError, match="not a readable safetensors"):
+        create_encoder("resnet18", pretrained=tmp_path / "junk.safetensors")
+    with pytest.raises(ConfigError, match="no such file"):
+        create_encoder("resnet18", pretrained=tmp_path / "nope.safetensors")
 
 
 def _independent(model, x, tol=1e-4) -> bool:
@@ -156,7 +161,8 @@ def test_blocks_end_to_end_non_square():
 def test_blocks_options():
     with pytest.raises(ConfigError, match="unknown option"): SharedBlocks(fpn=3)
     with pytest.raises(ConfigError, match="norm"): SharedBlocks(norm="bn")
-    with pytest.raises(ConfigError, match="no offline ImageNet weights"): SharedBlocks(encoder="resnet50", pretrained=True)
+    with pytest.raises(ConfigError, match="no offline ImageNet weights"):
+        SharedBlocks(encoder="resnet50", pretrained=True)
     affine = SharedBlocks(norm="affine", pretrained=True)
     stem_norm = affine.encoder.body.bn1
     assert isinstance(stem_norm, SampleLayerNorm) and stem_norm.affine

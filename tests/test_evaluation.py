@@ -8,8 +8,9 @@ from torch import nn
 from scipy import stats
 from umedpt.core import ConfigError, DataError, TrainingError
 from umedpt.evaluation import (FRACTIONS, RESULT_COLUMNS, cached_features, compare_arms, extract_embeddings, fine_tune,
-                               fine_tune_task, fit_linear_probe, fit_probe, linear_probe_task, nested_subsets, paired_ttest,
-                               plot_scarcity, probe_benchmark, results_frame, table1_summary, task_results)
+                               fine_tune_task, fit_linear_probe, fit_probe, linear_probe_task, nested_subsets,
+                               paired_ttest, plot_scarcity, probe_benchmark, results_frame, table1_summary,
+                               task_results)
 
 
 # --- nested subsets -------------------------------------------------------------------------------------------------
@@ -106,7 +107,8 @@ def test_probe_benchmark_rows_and_scores():
     Xtr, ytr = _separable(200); Xte, yte = _separable(100, seed=1)
     subsets = nested_subsets(ytr, fractions=(0.05, 1.0), seeds=range(3))
     acc = lambda y, p: float((p.argmax(1) == y).mean())
-    res = probe_benchmark(Xtr, ytr, Xte, yte, subsets, {"accuracy": acc, "nll": lambda y, p: -np.log(p[np.arange(len(y)), y]).mean()},
+    nll = lambda y, p: -np.log(p[np.arange(len(y)), y]).mean()
+    res = probe_benchmark(Xtr, ytr, Xte, yte, subsets, {"accuracy": acc, "nll": nll},
                           task="blobs", arm="a")
     assert list(res.columns) == list(RESULT_COLUMNS) and len(res) == 2 * 6
     assert set(res.setting) == {"frozen"} and set(res.fraction) == {0.05, 1.0}
@@ -139,8 +141,9 @@ def test_fine_tune_learns_and_unfreezes():
     for p in enc.parameters(): p.requires_grad_(False)  # e.g. left frozen by a probe run
     w0 = enc.weight.clone()
     loader = [{"x": X[i:i + 32], "y": y[i:i + 32]} for i in range(0, 256, 32)]
-    losses = fine_tune(enc, head, lambda b, h, batch: h(b(batch["x"])), lambda o, batch: nn.functional.cross_entropy(o, batch["y"]),
-                       loader, steps=60, lr_encoder=1e-2, lr_head=5e-2, device="cpu")
+    ce = lambda o, batch: nn.functional.cross_entropy(o, batch["y"])
+    losses = fine_tune(enc, head, lambda b, h, batch: h(b(batch["x"])), ce, loader, steps=60, lr_encoder=1e-2,
+                       lr_head=5e-2, device="cpu")
     assert len(losses) == 60 and np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8])
     assert not torch.equal(enc.weight, w0) and enc.weight.requires_grad
     assert not enc.training and not head.training
@@ -294,3 +297,54 @@ def test_paired_ttest_matches_hand_formula():
     r = paired_ttest(a, b)
     assert math.isclose(r.t, t, rel_tol=1e-12) and math.isclose(r.p, 2 * stats.t.sf(abs(t), 6), rel_tol=1e-9)
     with pytest.raises(Exception, match="nan or inf"): paired_ttest([1, np.nan], [1, 2])
+
+
+# --- the shared training loop and the module's surface --------------------------------------------------------------
+
+def test_fine_tune_is_train_steps_with_two_groups():
+    "fine_tune gives the same losses as core.train_steps run by hand with its two AdamW groups and schedule."
+    from umedpt.core import train_steps
+    X, y = _separable(64, k=3, d=8)
+    loader = [{"x": torch.from_numpy(X[i:i + 16]), "y": torch.from_numpy(y[i:i + 16])} for i in range(0, 64, 16)]
+    ce = lambda o, batch: nn.functional.cross_entropy(o, batch["y"])
+    def make():
+        torch.manual_seed(0)
+        return nn.Linear(8, 8), nn.Linear(8, 3)
+    enc, head = make()
+    got = fine_tune(enc, head, lambda b, h, batch: h(b(batch["x"])), ce, loader, steps=9, lr_encoder=1e-2, lr_head=5e-2,
+                    schedule="cosine", device="cpu")
+    enc, head = make()
+    groups = [{"params": list(enc.parameters()), "lr": 1e-2}, {"params": list(head.parameters()), "lr": 5e-2}]
+    want = train_steps(groups, lambda batch: ce(head(enc(batch["x"])), batch), loader, 9, schedule="cosine",
+                       weight_decay=0.05)
+    assert got == want
+
+
+def test_training_errors_name_the_caller(dense_blocks):
+    classes, batch = _shapes_batch("segmentation")
+    probe = linear_probe_task("segmentation", "seg", classes, dense_blocks)
+    with pytest.raises(ConfigError, match=r"fit_probe \(seg\): the training loader yields no batches"):
+        fit_probe(probe, dense_blocks, [], steps=2, device="cpu")
+    assert all(p.requires_grad for p in dense_blocks.parameters())
+    with pytest.raises(ConfigError, match="fit_probe .*steps must be a positive integer"):
+        fit_probe(probe, dense_blocks, [batch], steps=0, device="cpu")
+    nan = lambda o, batch: o.sum() * float("nan")
+    with pytest.raises(TrainingError, match="fine_tune: non-finite loss nan at step 0"):
+        fine_tune(nn.Linear(2, 2), nn.Linear(2, 2), lambda b, h, batch: h(b(batch["x"])), nan,
+                  [{"x": torch.ones(1, 2)}], steps=3, device="cpu")
+
+
+def test_cached_features_leaves_only_the_cache_file(tmp_path):
+    cached_features("arm/task/test", lambda: {"features": np.ones((2, 3), np.float32)}, tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == \
+        ["arm/task/test.safetensors"]
+
+
+def test_all_holds_only_public_api():
+    import umedpt.evaluation as ev
+    assert not [n for n in ev.__all__ if n.startswith("_")]
+    public = {"nested_subsets", "extract_embeddings", "fit_linear_probe", "fine_tune", "linear_probe_task", "fit_probe",
+              "fine_tune_task", "task_results", "paired_ttest", "compare_arms", "table1_summary", "plot_scarcity",
+              "probe_benchmark", "results_frame", "cached_features"}
+    assert public <= set(ev.__all__)
+    assert not any(hasattr(ev, n) for n in ("_cycle", "_schedule", "_to_device"))  # one loop: core.train_steps

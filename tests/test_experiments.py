@@ -15,10 +15,12 @@ runner = importlib.util.module_from_spec(spec); spec.loader.exec_module(runner)
 
 def test_runs_order_and_selection():
     names = [r.name for r in runner.RUNS]
-    assert names.index("pretraining") < min(names.index(f"benchmark_{t}") for t in runner.BENCHMARK_TASKS) < names.index("findings")
+    first_benchmark = min(names.index(f"benchmark_{t}") for t in runner.BENCHMARK_TASKS)
+    assert names.index("pretraining") < first_benchmark < names.index("findings")
     assert len({r.name for r in runner.RUNS}) == len(runner.RUNS)  # every run has its own executed copy
     picked = runner.select(["findings", "benchmark"])
-    assert [r.name for r in picked] == [f"benchmark_{t}" for t in runner.BENCHMARK_TASKS] + ["findings"]  # listed order kept
+    # listed order kept
+    assert [r.name for r in picked] == [f"benchmark_{t}" for t in runner.BENCHMARK_TASKS] + ["findings"]
     assert [r.name for r in runner.select(["benchmark_breastmnist"])] == ["benchmark_breastmnist"]
     with pytest.raises(SystemExit, match="unknown chapter.*'nope'"): runner.select(["nope"])
     for r in runner.RUNS: assert r.notebook.parent == ROOT / "book/experiments"
@@ -28,7 +30,8 @@ def test_parse_params_and_set_title(tmp_path):
     got = runner.parse_params(['arms={"imagenet": "/w.safetensors", "umedpt": null}', "task=breastmnist", "ft_steps=3"])
     assert got == {"arms": {"imagenet": "/w.safetensors", "umedpt": None}, "task": "breastmnist", "ft_steps": 3}
     with pytest.raises(SystemExit, match="NAME=VALUE"): runner.parse_params(["no-equals-sign"])
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_markdown_cell("intro\n# Old title\ntext")])
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"),
+                                         nbformat.v4.new_markdown_cell("intro\n# Old title\ntext")])
     path = tmp_path / "n.ipynb"; nbformat.write(nb, path)
     runner.set_title(path, "New title")
     assert nbformat.read(path, as_version=4).cells[1].source == "intro\n# New title\ntext"
@@ -40,15 +43,15 @@ def _run(name: str, cwd: Path, **parameters) -> nbformat.NotebookNode:
     env = {k: v for k, v in os.environ.items() if k != "UMEDPT_DATA"}  # synthetic stand-in, whatever the caller set
     old = os.environ.copy(); os.environ.clear(); os.environ.update(env)
     try:
-        return pm.execute_notebook(str(ROOT / f"book/experiments/{name}.ipynb"), str(cwd / f"{name}.out.ipynb"), parameters=parameters,
-                                   cwd=str(cwd), kernel_name="python3", progress_bar=False)
+        return pm.execute_notebook(str(ROOT / f"book/experiments/{name}.ipynb"), str(cwd / f"{name}.out.ipynb"),
+                                   parameters=parameters, cwd=str(cwd), kernel_name="python3", progress_bar=False)
     finally: os.environ.clear(); os.environ.update(old)
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     from umedpt.blocks import SharedBlocks
-    from umedpt.export import save_pretrained
+    from umedpt.weights import save_pretrained
     torch.manual_seed(0)
     return save_pretrained(SharedBlocks(pretrained=True, norm="frozen"), tmp_path_factory.mktemp("w") / "umedpt-test")
 
@@ -56,10 +59,12 @@ def weights(tmp_path_factory) -> Path:
 def test_benchmark_runs_on_shapes_and_writes_the_table(tmp_path, weights):
     _run("benchmark", tmp_path, profile="smoke", task="breastmnist", arms=["imagenet", "umedpt"], weights=str(weights),
          fractions=[0.5, 1.0], seeds=[0, 1], ft_fractions=[0.5], ft_seeds=[0, 1], ft_steps=1)
-    out = tmp_path / "book/data/benchmark/synthetic"
+    out = tmp_path / "_preview/data/benchmark/synthetic"  # only the cpu profile writes book/data
     df = pd.read_csv(out / "breastmnist.csv")
     assert list(df.columns) == ["task", "arm", "setting", "fraction", "seed", "metric", "value"]
-    assert not (tmp_path / "book/data/benchmark/breastmnist.csv").exists()  # synthetic results never mix with real ones
+    # synthetic results never mix with real ones
+    assert not (tmp_path / "_preview/data/benchmark/breastmnist.csv").exists()
+    assert not (tmp_path / "book/data").exists()  # a smoke run never rewrites the published tables
     # frozen: 2 arms × 2 fractions × 2 seeds × 3 metrics; fine-tuned: 2 arms × 1 fraction × 2 seeds × 3 metrics
     assert len(df[df.setting == "frozen"]) == 24 and len(df[df.setting == "finetune"]) == 12
     assert df.value.between(0, 1).all() and set(df.metric) == {"macro_f1", "accuracy", "auroc"}
@@ -75,8 +80,9 @@ def test_benchmark_without_weights_says_run_pretraining(tmp_path):
         _run("benchmark", tmp_path, profile="smoke", weights=str(tmp_path / "missing"), fractions=[1.0], seeds=[0])
 
 
-def _write(folder: Path, task: str, domain: str, means: dict, sd: float = 0.01, profile: str = "cpu", settings=("frozen",)):
-    "A results table with 5 seeds per (arm, setting, fraction), macro-F1 drawn around `means[arm][fraction]`, and its note."
+def _write(folder: Path, task: str, domain: str, means: dict, sd: float = 0.01, profile: str = "cpu",
+           settings=("frozen",)):
+    "A results table with 5 seeds per (arm, setting, fraction), macro-F1 drawn around `means[arm][fraction]`; its note."
     rng, rows = np.random.default_rng(len(task)), []
     for arm, per_fraction in means.items():
         for fraction, mean in per_fraction.items():
@@ -84,8 +90,9 @@ def _write(folder: Path, task: str, domain: str, means: dict, sd: float = 0.01, 
                 rows += [dict(task=task, arm=arm, setting=setting, fraction=fraction, seed=seed, metric="macro_f1",
                               value=mean + sd * rng.standard_normal()) for setting in settings]
     pd.DataFrame(rows).to_csv(folder / f"{task}.csv", index=False)
-    (folder / f"{task}.json").write_text(json.dumps(dict(task=task, domain=domain, profile=profile, settings={"size": 128},
-                                                          arms={"umedpt": {"weights": "x", "encoder": "e", "norm": "frozen"}})))
+    arms = {"umedpt": {"weights": "x", "encoder": "e", "norm": "frozen"}}
+    (folder / f"{task}.json").write_text(json.dumps(dict(task=task, domain=domain, profile=profile,
+                                                         settings={"size": 128}, arms=arms)))
 
 
 def test_findings_verdicts_follow_the_data(tmp_path):
@@ -99,15 +106,16 @@ def test_findings_verdicts_follow_the_data(tmp_path):
                                                    "imagenet": dict(zip(fr, (0.70, 0.75, 0.80, 0.85)))})
     # a leftover smoke run where UMedPT wins everything: shown, but not counted
     _write(folder, "kermany_pneumonia", "out-of-domain", {"umedpt": dict(zip(fr, (0.9, 0.9, 0.9, 0.9))),
-                                                         "imagenet": dict(zip(fr, (0.1, 0.1, 0.1, 0.1)))}, profile="smoke",
-           settings=("frozen", "finetune"))
+                                                         "imagenet": dict(zip(fr, (0.1, 0.1, 0.1, 0.1)))},
+           profile="smoke", settings=("frozen", "finetune"))
     _run("findings", tmp_path, profile="cpu")
     claims = pd.read_csv(tmp_path / "book/data/findings.csv").set_index("claim")
     row = lambda start: claims.loc[[c for c in claims.index if c.startswith(start)][0]]
     verdict = lambda start: row(start).verdict
     assert verdict("in-domain") == "confirmed"
     assert verdict("out-of-domain") == "not confirmed"
-    assert "kermany_pneumonia" in row("out-of-domain").evidence and "smoke run: not counted" in row("out-of-domain").evidence
+    evidence = row("out-of-domain").evidence
+    assert "kermany_pneumonia" in evidence and "smoke run: not counted" in evidence
     assert verdict("frozen:") == "mixed"  # better on one task, worse on the other
     assert verdict("finetune:") == "not testable (smoke run)"  # only the smoke run fine-tuned: computed, not counted
     assert "p = " in row("finetune:").evidence

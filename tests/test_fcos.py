@@ -5,17 +5,19 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 from umedpt.core import ConfigError, InputError, collate_samples, seed_everything
-from umedpt.fcos import (FCOSHead, FCOSLoss, FCOSOutput, decode_detections, default_size_ranges, fcos_grid, fcos_targets,
-                         oracle_output, pyramid_sizes)
+from umedpt.fcos import (FCOSHead, FCOSLoss, FCOSOutput, decode_detections, default_size_ranges, fcos_grid,
+                         fcos_targets, oracle_output, pyramid_sizes)
 from umedpt.metrics import detection_map
 from umedpt.shapes import ShapesDataset
 
 
 def _round_trip(boxes, labels, sizes, num_classes=3, nms_thresh=0.6, **kw):
-    b = collate_samples([{"image": torch.zeros(1, h, w), "boxes": x, "box_labels": y} for x, y, (h, w) in zip(boxes, labels, sizes)])
+    b = collate_samples([{"image": torch.zeros(1, h, w), "boxes": x, "box_labels": y}
+                         for x, y, (h, w) in zip(boxes, labels, sizes)])
     grid = fcos_grid(pyramid_sizes(tuple(b["image"].shape[-2:])))
     t = fcos_targets(grid, b["boxes"], b["box_labels"], b["image_size"], num_classes, **kw)
-    return t, decode_detections(oracle_output(grid, t, num_classes), b["image_size"], nms_thresh=nms_thresh, max_detections=1000)
+    return t, decode_detections(oracle_output(grid, t, num_classes), b["image_size"], nms_thresh=nms_thresh,
+                                max_detections=1000)
 
 
 def _assert_recovered(gt, gl, det, min_iou=0.99):
@@ -28,7 +30,8 @@ def _assert_recovered(gt, gl, det, min_iou=0.99):
                                                       ((128, 128), (300, 260), 12), ((40, 40), (90, 150), 10)])
 @pytest.mark.parametrize("center_radius", [1.5, None])
 def test_round_trip_shapes(size, max_size, max_shapes, center_radius):
-    ds = ShapesDataset("detection", n=12, size=size, max_size=max_size, max_shapes=max_shapes, rel_size=(0.1, 0.7), seed=sum(size))
+    ds = ShapesDataset("detection", n=12, size=size, max_size=max_size, max_shapes=max_shapes, rel_size=(0.1, 0.7),
+                       seed=sum(size))
     samples = [ds[i] for i in range(len(ds))]
     t, dets = _round_trip([s["boxes"] for s in samples], [s["box_labels"] for s in samples],
                           [tuple(s["image"].shape[1:]) for s in samples], nms_thresh=1.0, center_radius=center_radius)
@@ -59,9 +62,11 @@ def test_round_trip_many_small_boxes(seed):
 
 
 def test_round_trip_with_nms_keeps_distinct_boxes_and_merges_duplicates():
-    boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [12.0, 12.0, 52.0, 52.0], [10.0, 10.0, 50.0, 50.0], [60.0, 5.0, 90.0, 40.0]])
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0], [12.0, 12.0, 52.0, 52.0], [10.0, 10.0, 50.0, 50.0],
+                          [60.0, 5.0, 90.0, 40.0]])
     labels = torch.tensor([0, 0, 1, 0])  # box 1 overlaps box 0 (IoU 0.82, same class); box 2 equals box 0, other class
-    _, dets = _round_trip([boxes], [labels], [(64, 96)], num_classes=2, size_ranges=[(0, math.inf)] + [(math.inf, math.inf)] * 4)
+    _, dets = _round_trip([boxes], [labels], [(64, 96)], num_classes=2,
+                          size_ranges=[(0, math.inf)] + [(math.inf, math.inf)] * 4)
     det = dets[0]
     assert len(det["boxes"]) == 3                      # NMS merges the same-class pair only
     assert sorted(det["labels"].tolist()) == [0, 0, 1]
@@ -130,11 +135,13 @@ def test_overfit_two_images_through_shared_blocks():
     opt = torch.optim.AdamW([*blocks.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.05)
     losses = []
     for _ in range(60):
-        loss = crit(head(blocks.fpn_features(b["image"]), blocks.centerness), b["boxes"], b["box_labels"], b["image_size"])
+        loss = crit(head(blocks.fpn_features(b["image"]), blocks.centerness), b["boxes"], b["box_labels"],
+                    b["image_size"])
         opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
     assert 0.7 < losses[0] < 1.4 and losses[-1] < 0.5 * losses[0], losses[::10]
     blocks.eval(); head.eval()
-    with torch.no_grad(): dets = decode_detections(head(blocks.fpn_features(b["image"]), blocks.centerness), b["image_size"])
+    with torch.no_grad():
+        dets = decode_detections(head(blocks.fpn_features(b["image"]), blocks.centerness), b["image_size"])
     m = detection_map(dets, [{"boxes": x, "labels": y} for x, y in zip(b["boxes"], b["box_labels"])])
     assert m["map_50"] > 0.9, m
 
@@ -142,7 +149,8 @@ def test_overfit_two_images_through_shared_blocks():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_targets_loss_and_decoding_on_cuda():
     grid = fcos_grid(pyramid_sizes((96, 128)), device="cuda")
-    boxes, labels = [torch.tensor([[5.0, 6, 40, 50], [50, 20, 120, 90]], device="cuda")], [torch.tensor([0, 1], device="cuda")]
+    boxes = [torch.tensor([[5.0, 6, 40, 50], [50, 20, 120, 90]], device="cuda")]
+    labels = [torch.tensor([0, 1], device="cuda")]
     t = fcos_targets(grid, boxes, labels, torch.tensor([[96, 128]]), 2)
     out = oracle_output(grid, t, 2)
     assert FCOSLoss(2).components(out, boxes, labels, [(96, 128)])["box"].item() < 1e-4
@@ -151,12 +159,13 @@ def test_targets_loss_and_decoding_on_cuda():
 
 
 def test_mixed_precision_keeps_distances_and_loss_finite():
-    "Under bfloat16 autocast the distances stay float32 (e^10·stride would overflow half precision) and the loss is finite."
+    "Under bfloat16 autocast the distances stay float32 (e^10·stride would overflow half precision); loss is finite."
     head, centerness = FCOSHead(16, 2), nn.Conv2d(16, 1, 3, padding=1)
     feats = [torch.randn(2, 16, 64 // s, 64 // s) for s in (8, 16, 32, 64)] + [torch.randn(2, 16, 1, 1)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = head(feats, centerness)
-        loss = FCOSLoss(2)(out, [torch.tensor([[4.0, 6, 40, 50]]), torch.zeros(0, 4)], [torch.tensor([1]), torch.zeros(0, dtype=torch.long)], [(64, 64)] * 2)
+        loss = FCOSLoss(2)(out, [torch.tensor([[4.0, 6, 40, 50]]), torch.zeros(0, 4)],
+                           [torch.tensor([1]), torch.zeros(0, dtype=torch.long)], [(64, 64)] * 2)
     assert out.box_reg.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)

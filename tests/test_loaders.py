@@ -101,7 +101,8 @@ def test_missing_and_corrupt_nifti_name_the_file(tmp_path):
     bad.write_bytes((tmp_path / "ok.nii.gz").read_bytes()[:60])
     with pytest.raises(DataError, match="truncated.nii.gz"): NiftiVolumes([bad], "ct")[0]
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 5), np.uint8), np.eye(4)), tmp_path / "seg.nii.gz")
-    with pytest.raises(DataError, match="seg.nii.gz"): NiftiVolumes([(tmp_path / "ok.nii.gz", tmp_path / "seg.nii.gz")], "ct")[0]
+    with pytest.raises(DataError, match="seg.nii.gz"):
+        NiftiVolumes([(tmp_path / "ok.nii.gz", tmp_path / "seg.nii.gz")], "ct")[0]
 
 
 def test_missing_and_corrupt_npz_name_the_file(tmp_path):
@@ -154,7 +155,8 @@ class _Repeat(Dataset):
 def test_sample_augment_in_map_style_workers_is_not_duplicated():
     def run():
         torch.manual_seed(0)
-        dl = DataLoader(_Repeat(8, SampleAugment("histology", seed=1)), batch_size=1, num_workers=2, collate_fn=collate_samples)
+        dl = DataLoader(_Repeat(8, SampleAugment("histology", seed=1)), batch_size=1, num_workers=2,
+                        collate_fn=collate_samples)
         return [b["image"] for b in dl]
     a, b = run(), run()
     assert all(torch.equal(x, y) for x, y in zip(a, b))  # reproducible under torch.manual_seed

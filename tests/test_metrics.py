@@ -5,7 +5,8 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, jaccard_score, roc_auc_score
 from umedpt.core import InputError
-from umedpt.metrics import classification_metrics, confusion_matrix, detection_map, multilabel_metrics, segmentation_metrics
+from umedpt.metrics import (classification_metrics, confusion_matrix, detection_map, multilabel_metrics,
+                            segmentation_metrics)
 
 
 @pytest.mark.parametrize("C", [2, 3, 6])
@@ -17,7 +18,8 @@ def test_classification_metrics_match_sklearn(C):
     pred = probs.argmax(1)
     assert m["accuracy"] == pytest.approx(accuracy_score(target, pred))
     assert m["macro_f1"] == pytest.approx(f1_score(target, pred, average="macro"))
-    ref = roc_auc_score(target, probs[:, 1]) if C == 2 else roc_auc_score(target, probs.double() / probs.double().sum(1, keepdim=True), multi_class="ovr")
+    ref = (roc_auc_score(target, probs[:, 1]) if C == 2
+           else roc_auc_score(target, probs.double() / probs.double().sum(1, keepdim=True), multi_class="ovr"))
     assert m["auroc"] == pytest.approx(ref)
 
 
@@ -25,7 +27,8 @@ def test_classification_metrics_accept_numpy_and_reject_empty():
     m = classification_metrics(np.array([[0.2, 0.8], [0.6, 0.4]]), np.array([1, 0]))
     assert m == {"accuracy": 1.0, "macro_f1": 1.0, "auroc": 1.0}
     with pytest.raises(InputError, match="no samples"): classification_metrics(np.zeros((0, 2)), np.zeros(0, dtype=int))
-    with pytest.raises(InputError, match="class indices"): classification_metrics(np.array([[0.5, 0.5]]), np.array([0.5]))
+    with pytest.raises(InputError, match="class indices"):
+        classification_metrics(np.array([[0.5, 0.5]]), np.array([0.5]))
 
 
 def test_multilabel_metrics_match_sklearn_without_missing_labels():
@@ -70,7 +73,8 @@ def test_segmentation_absent_classes_and_empty():
     m = segmentation_metrics(confusion_matrix(target.clone(), target, 10))  # 8 classes absent everywhere
     assert m["miou"] == 1.0 and m["dice"] == 1.0
     assert math.isnan(segmentation_metrics(confusion_matrix(target, torch.full_like(target, -1), 3))["miou"])
-    only_bg = segmentation_metrics(confusion_matrix(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), 2), include_background=False)
+    only_bg = segmentation_metrics(confusion_matrix(torch.zeros(1, 4, dtype=torch.long),
+                                                    torch.zeros(1, 4, dtype=torch.long), 2), include_background=False)
     assert math.isnan(only_bg["miou"])
 
 
@@ -78,8 +82,8 @@ def test_detection_map_is_invariant_to_image_order_and_counts_duplicates():
     tgt = [{"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([0])},
            {"boxes": torch.tensor([[5.0, 5, 25, 30], [40, 40, 60, 70]]), "labels": torch.tensor([1, 0])}]
     pred = [{"boxes": torch.tensor([[0.0, 0, 10, 11]]), "scores": torch.tensor([0.7]), "labels": torch.tensor([0])},
-            {"boxes": torch.tensor([[5.0, 5, 25, 30], [41, 40, 60, 70], [5, 5, 25, 22]]), "scores": torch.tensor([0.9, 0.6, 0.8]),
-             "labels": torch.tensor([1, 0, 1])}]
+            {"boxes": torch.tensor([[5.0, 5, 25, 30], [41, 40, 60, 70], [5, 5, 25, 22]]),
+             "scores": torch.tensor([0.9, 0.6, 0.8]), "labels": torch.tensor([1, 0, 1])}]
     m = detection_map(pred, tgt)
     assert m == detection_map(pred[::-1], tgt[::-1])
     # class 1: the exact box (0.9) matches first at every threshold; the loose duplicate (IoU 0.68, 0.8) is a false

@@ -1,11 +1,12 @@
 """TaskSampler integration tests: passes are permutations with and without worker processes, streams are the same
-in every process, resuming is exact and cheap, balanced mode follows dataset sizes, ranks split batches exactly."""
-import io, json, os, subprocess, sys
+in every process, resuming is exact and cheap, balanced mode follows dataset sizes, ranks split batches exactly,
+unreadable samples are skipped on request and a failing loader names its task."""
+import io, json, logging, os, subprocess, sys
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
-from umedpt.core import ConfigError, collate_samples
+from umedpt.core import ConfigError, DataError, collate_samples
 from umedpt.sampler import SeededSampler, TaskSampler, make_loader
 
 
@@ -23,7 +24,8 @@ def ids(sampler, k):
 
 
 def loaders(workers=0, **kw):
-    return {"a": make_loader(Indexed(7), 3, num_workers=workers, **kw), "b": make_loader(Indexed(5), 2, num_workers=workers, **kw)}
+    return {"a": make_loader(Indexed(7), 3, num_workers=workers, **kw),
+            "b": make_loader(Indexed(5), 2, num_workers=workers, **kw)}
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -113,3 +115,48 @@ def test_bad_state_and_options():
     with pytest.raises(ConfigError, match="mode"): TaskSampler(loaders(), mode="random")
     with pytest.raises(ConfigError, match="'x'"): TaskSampler({"x": iter([1, 2])})
     with pytest.raises(ConfigError, match="batch_size"): make_loader(Indexed(3), batch_size=-1)
+
+
+class Unreadable(Indexed):
+    "Indexed samples, except that the samples in `bad` fail like a corrupt file (a DataError naming the file)."
+    def __init__(self, n, bad): super().__init__(n); self.bad = set(bad)
+    def __getitem__(self, i):
+        if i in self.bad: raise DataError(f"cannot read image /data/broken/{i:03d}.png: truncated file")
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_unreadable_replaces_a_bad_sample_by_the_next(workers, caplog):
+    loader = make_loader(Unreadable(7, bad=[2, 6]), 3, shuffle=False, num_workers=workers, skip_unreadable=True)
+    with caplog.at_level(logging.WARNING, logger="umedpt.sampler"):
+        got = [[m["index"] for m in b["meta"]] for b in loader]
+    assert got == [[0, 1, 3], [3, 4, 5], [0]]   # 2 -> 3; 6 -> 0 (wraps around)
+    if workers == 0:   # records of worker processes do not reach this process's handlers
+        msgs = [r.getMessage() for r in caplog.records if r.name == "umedpt.sampler"]
+        assert len(msgs) == 2 and "sample 2 " in msgs[0] and "broken/002.png" in msgs[0], msgs
+    assert len(loader.dataset) == 7 and loader.dataset.bad == {2, 6}   # the wrapper forwards attributes
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_sample_raises_by_default_naming_the_file(workers):
+    with pytest.raises(DataError, match="broken/002.png"):
+        list(make_loader(Unreadable(7, bad=[2]), 3, shuffle=False, num_workers=workers))
+    with pytest.raises(DataError, match="none of the 3 samples"):
+        list(make_loader(Unreadable(3, bad=[0, 1, 2]), 3, skip_unreadable=True))
+
+
+def test_failing_loader_names_its_task_and_resumes_past_the_failure():
+    def make():
+        return TaskSampler({"a": make_loader(Indexed(7), 3), "b": make_loader(Unreadable(5, bad=[1]), 2)}, seed=4)
+    def draws(sampler, k):
+        out = []
+        while len(out) < k:
+            try: out.append(ids(sampler, 1)[0])
+            except DataError as e: out.append((e.task, "failed"))
+        return out
+    full = draws(make(), 12)
+    assert ("b", "failed") in full and all(t == "b" for t, r in full if r == "failed")
+    assert [t for t, r in full if r != "failed"] == ["a", "b"] * ((len(full) - full.count(("b", "failed"))) // 2)
+    first = make(); head = draws(first, 5)
+    resumed = make(); resumed.load_state_dict(first.state_dict())
+    assert head + draws(resumed, 7) == full   # failed batches count as drawn, so a resume skips them too

@@ -1,6 +1,8 @@
 """Trainer integration tests: a training process killed with SIGKILL resumes to the same bits; a non-finite loss stops
-training and leaves the last checkpoint intact; 2-process data-parallel training equals single-process training."""
-import os, signal, subprocess, sys, time
+training and leaves the last checkpoint intact; 2-process data-parallel training equals single-process training; a
+batch that fails to load stops training (naming the file) or, with on_bad_batch="skip", is logged, counted and resumed
+past."""
+import logging, os, signal, subprocess, sys, time
 from contextlib import contextmanager
 from pathlib import Path
 import pandas as pd
@@ -15,7 +17,8 @@ SCRIPT = ROOT / "tests" / "_train_script.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import _train_script  # noqa: E402
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "MPLBACKEND": "Agg"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
+       "MPLBACKEND": "Agg"}
 ENV.pop("WORLD_SIZE", None)
 
 
@@ -71,7 +74,8 @@ def test_sigkill_and_resume_gives_the_same_parameters(tmp_path):
     assert logged_step(killed / "losses.csv") > at_kill   # the killed run got further than its checkpoint
     assert not (killed / "final.pt").exists()
 
-    res = subprocess.run([sys.executable, str(SCRIPT), str(killed), *args, "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, str(SCRIPT), str(killed), *args, "--resume"], env=ENV, capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = torch.load(killed / "final.pt", weights_only=True)
     assert_same(resumed, reference.model.state_dict())   # bit for bit
@@ -85,7 +89,8 @@ def test_resume_checks_the_checkpoint(tmp_path):
     batch = {"image": torch.rand(2, 3, 32, 32), "label": torch.tensor([0, 1])}
     other = Trainer(_train_script.Blocks(), [_train_script.Task("a"), _train_script.Task("x")],
                     TaskSampler({"a": [batch], "x": [batch]}), device="cpu", progress=False)
-    with pytest.raises(ConfigError, match=r"is for tasks \['a', 'b', 'c'\]"): other.load_checkpoint(tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match=r"is for tasks \['a', 'b', 'c'\]"):
+        other.load_checkpoint(tmp_path / "checkpoint.pt")
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(TrainingError, match="broken.pt"): other.load_checkpoint(tmp_path / "broken.pt")
     with pytest.raises(ConfigError, match="does not exist"): other.fit(1, resume=tmp_path / "missing.pt")
@@ -118,12 +123,14 @@ def test_two_processes_equal_one(tmp_path):
     args = ["--steps", "3", "--checkpoint-every", "0", "--batch", "8"]
     single = run_inline(tmp_path / "one", *args).model.state_dict()
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(SCRIPT), str(tmp_path / "two"), *args], env=ENV, capture_output=True, text=True, timeout=300)
+                          str(SCRIPT), str(tmp_path / "two"), *args],
+                        env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     two = torch.load(tmp_path / "two" / "final.pt", weights_only=True)
     assert_same(two, single, atol=1e-5)
     init = run_inline(tmp_path / "init", *args[:2], "--stop", "0").model.state_dict()
-    for k in ("tasks.a.head.weight", "tasks.b.head.weight", "tasks.c.head.weight", "blocks.extra.weight", "blocks.net.0.weight"):
+    for k in ("tasks.a.head.weight", "tasks.b.head.weight", "tasks.c.head.weight", "blocks.extra.weight",
+              "blocks.net.0.weight"):
         assert (two[k] - init[k]).abs().max() > 1e-4, f"{k} was not trained"   # so the equality above is not trivial
     assert torch.equal(two["blocks.never_used"], init["blocks.never_used"])   # no task uses it: no gradient, no update
 
@@ -131,8 +138,49 @@ def test_two_processes_equal_one(tmp_path):
 def test_progress_bar_shows_running_losses(capsys):
     batch = {"image": torch.rand(2, 3, 32, 32), "label": torch.tensor([0, 1]), "labels": torch.ones(2, 3)}
     tasks = [_train_script.Task("a"), _train_script.Task("b", multilabel=True)]
-    trainer = Trainer(_train_script.Blocks(), tasks, TaskSampler({"a": [batch], "b": [batch]}), device="cpu", progress=True)
+    trainer = Trainer(_train_script.Blocks(), tasks, TaskSampler({"a": [batch], "b": [batch]}), device="cpu",
+                      progress=True)
     trainer.fit(3)
     err = capsys.readouterr().err
     assert "3/3" in err and "a=" in err and "b=" in err, err[-500:]
     assert trainer.item == 6 and len(trainer.losses.frame()) == 6   # logs kept in memory without out_dir
+
+
+def test_bad_batch_raises_by_default_naming_the_file(tmp_path):
+    with pytest.raises(OSError, match="broken_3.png"):
+        run_inline(tmp_path, "--steps", "4", "--broken", "3")
+
+
+def test_bad_batch_skip_logs_counts_and_resumes_to_the_same_bits(tmp_path, caplog):
+    args = ["--steps", "8", "--checkpoint-every", "4", "--broken", "3", "--on-bad-batch", "skip", "--dropout", "0.2"]
+    with caplog.at_level(logging.WARNING, logger="umedpt.trainer"): full = run_inline(tmp_path / "full", *args)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "umedpt.trainer"]
+    assert full.step == 8 and full.skipped_batches >= 4 and len(warnings) == full.skipped_batches
+    assert all("task 'c'" in w and "broken_3.png" in w for w in warnings), warnings
+    log = pd.read_csv(tmp_path / "full" / "losses.csv")
+    assert log.task.value_counts().to_dict() == {"a": 8, "b": 8, "c": 8}   # every round still has each task once
+    run_inline(tmp_path / "split", *args, "--stop", "4")
+    resumed = run_inline(tmp_path / "split", *args, "--resume")
+    assert resumed.start_step == 4 and resumed.skipped_batches == full.skipped_batches
+    assert_same(resumed.model.state_dict(), full.model.state_dict())
+    with pytest.raises(ConfigError, match="on_bad_batch"):
+        Trainer(_train_script.Blocks(), [_train_script.Task("a")], [], on_bad_batch="ignore", device="cpu")
+
+
+def _losses_with(**options) -> list[float]:
+    torch.manual_seed(0)
+    batch = {"image": torch.rand(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0]), "labels": torch.ones(4, 3)}
+    tasks = [_train_script.Task("a"), _train_script.Task("b", multilabel=True)]
+    trainer = Trainer(_train_script.Blocks(), tasks, TaskSampler({"a": [batch], "b": [batch]}), device="cpu",
+                      progress=False, **options)
+    return trainer.fit(4).losses.frame().loss.tolist()
+
+
+def test_precision_and_memory_format_options():
+    fp32 = _losses_with(precision="fp32")
+    assert _losses_with() == fp32  # "auto" is fp32 on the CPU
+    bf16 = _losses_with(precision="bf16")  # bf16 autocast on the CPU: the gpu profile's code path, tried here
+    assert bf16 != fp32 and all(abs(a - b) < 0.05 for a, b in zip(bf16, fp32)), (bf16, fp32)
+    channels_last = _losses_with(channels_last=True)  # same maths, another memory layout
+    assert all(abs(a - b) < 1e-4 for a, b in zip(channels_last, fp32)), (channels_last, fp32)
+    with pytest.raises(ConfigError, match="precision must be one of"): _losses_with(precision="fp16")

@@ -23,8 +23,10 @@ def main() -> int:
         subprocess.run([bin_dir / "nbdev_export"], cwd=tmp, check=True)
         lib, fresh = root / "umedpt", tmp / "umedpt"
         for rel in sorted(py_files(lib) | py_files(fresh)):
-            if not (lib / rel).exists(): problems.append(f"umedpt/{rel} is exported by the notebooks but missing: run nbdev_export")
-            elif not (fresh / rel).exists(): problems.append(f"umedpt/{rel} is not exported by any notebook (hand-written module?)")
+            if not (lib / rel).exists():
+                problems.append(f"umedpt/{rel} is exported by the notebooks but missing: run nbdev_export")
+            elif not (fresh / rel).exists():
+                problems.append(f"umedpt/{rel} is not exported by any notebook (hand-written module?)")
             elif not filecmp.cmp(lib / rel, fresh / rel, shallow=False):
                 problems.append(f"umedpt/{rel} differs from what nbs/ export: edit the notebook, never the module")
         before = {p: p.read_bytes() for p in (tmp / "nbs").rglob("*.ipynb")}

@@ -55,7 +55,8 @@ def execute_into_cache(pages: list[Path], cache_path: str | Path, workers: int =
         try: cache.match_cache_notebook(nbformat.read(path, as_version=4)); return True
         except KeyError: return False
     todo = [Path(p) for p in pages if not cached(Path(p))]
-    print(f"component pages: {len(pages)}, already cached: {len(pages) - len(todo)}, to execute: {len(todo)}", flush=True)
+    print(f"component pages: {len(pages)}, already cached: {len(pages) - len(todo)}, to execute: {len(todo)}",
+          flush=True)
     if not todo: return []
     os.environ["OMP_NUM_THREADS"] = "1"  # read by torch when a worker imports it
     start, failed = time.time(), []
@@ -65,25 +66,30 @@ def execute_into_cache(pages: list[Path], cache_path: str | Path, workers: int =
         for future in as_completed([pool.submit(run_page, str(p)) for p in todo]):
             path, seconds, outputs, error = future.result()
             if error:
-                failed.append(Path(path)); print(f"{path}: FAILED after {seconds:.0f} s\n{error}", file=sys.stderr, flush=True); continue
+                failed.append(Path(path))
+                print(f"{path}: FAILED after {seconds:.0f} s\n{error}", file=sys.stderr, flush=True); continue
             nb = nbformat.read(path, as_version=4)  # the source as myst-nb reads it: same hash, executed outputs added
             for cell, out in zip(nb.cells, outputs):
                 if out is not None: cell.outputs, cell.execution_count = [nbformat.from_dict(o) for o in out[0]], out[1]
             nbformat.validate(nb)
-            cache.cache_notebook_bundle(CacheBundleIn(nb, str(Path(path).resolve()), data={"execution_seconds": seconds}),
-                                        check_validity=False, overwrite=True)
+            bundle = CacheBundleIn(nb, str(Path(path).resolve()), data={"execution_seconds": seconds})
+            cache.cache_notebook_bundle(bundle, check_validity=False, overwrite=True)
             print(f"{path}: {seconds:.0f} s", flush=True)
     print(f"executed {len(todo) - len(failed)} page(s) in {time.time() - start:.0f} s", flush=True)
     return failed
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", default=str(ROOT / ".jupyter_cache"), help="myst-nb's execution cache (_config.yml: execute.cache)")
+    ap.add_argument("--cache", default=str(ROOT / ".jupyter_cache"),
+                    help="myst-nb's execution cache (_config.yml: execute.cache)")
     ap.add_argument("--workers", type=int, default=2, help="notebooks executed at once (one torch thread each)")
-    ap.add_argument("pages", nargs="*", type=Path, help="notebooks to execute (default: the component pages of _toc.yml)")
+    ap.add_argument("pages", nargs="*", type=Path,
+                    help="notebooks to execute (default: the component pages of _toc.yml)")
     args = ap.parse_args(argv)
     failed = execute_into_cache(args.pages or component_pages(), args.cache, args.workers)
-    if failed: print(f"failed: {', '.join(str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in failed)}", file=sys.stderr)
+    if failed:
+        names = (str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p) for p in failed)
+        print(f"failed: {', '.join(names)}", file=sys.stderr)
     return 1 if failed else 0
 
 if __name__ == "__main__": sys.exit(main())

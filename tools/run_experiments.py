@@ -1,6 +1,8 @@
 """Execute the experiment chapters with papermill for one profile; the book renders these executed copies.
 
 Order matters (pretraining writes the weights the benchmarks read), so the runs are listed here, not globbed.
+Only the cpu profile writes the published copies (book/executed/, tables in book/data/, both tracked); every other
+profile writes to the git-ignored _preview/ (executed/ and data/), so building the book never dirties the tree.
 One source notebook may run several times with different parameters (the benchmark, once per target task): each
 run writes its own executed copy, book/executed/<run name>.ipynb, and may give it its own page title.
 """
@@ -11,7 +13,12 @@ import nbformat
 import papermill as pm
 
 ROOT = Path(__file__).resolve().parents[1]
-PROFILES = ("smoke", "cpu", "gpu")
+PROFILES = ("smoke", "cpu", "gpu", "gpu-dry")  # gpu-dry: the gpu code path at toy sizes, on the CPU
+PUBLISHED = "cpu"  # the profile whose executed chapters are the published book
+
+def executed_dir(profile: str) -> Path:
+    "Where the executed copies of `profile` go: book/executed for the published profile, else _preview/executed."
+    return ROOT / ("book" if profile == PUBLISHED else "_preview") / "executed"
 
 @dataclass(frozen=True)
 class Run:
@@ -45,7 +52,8 @@ def select(names: list[str] | None, runs: list[Run] = RUNS) -> list[Run]:
     if not names: return list(runs)
     known = {r.name for r in runs} | {r.source for r in runs if r.source}
     unknown = [n for n in names if n not in known]
-    if unknown: raise SystemExit(f"unknown chapter(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+    if unknown:
+        raise SystemExit(f"unknown chapter(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
     return [r for r in runs if r.name in names or (r.source and r.source in names)]
 
 def set_title(path: Path, title: str) -> None:
@@ -59,8 +67,16 @@ def set_title(path: Path, title: str) -> None:
                 lines[i] = f"# {title}"; cell.source = "\n".join(lines); nbformat.write(nb, path); return
     raise SystemExit(f"{path}: no '# ' heading to replace with the title {title!r}")
 
+def hide_injected(path: Path) -> None:
+    "Collapse papermill's injected-parameters cell in the book (its values are shown in each chapter's settings)."
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        tags = cell.metadata.get("tags", [])
+        if "injected-parameters" in tags and "hide-input" not in tags: cell.metadata["tags"] = [*tags, "hide-input"]
+    nbformat.write(nb, path)
+
 def parse_params(items: list[str]) -> dict:
-    "NAME=VALUE pairs from the command line; VALUE is read as JSON when it parses (null, numbers, lists, dicts), else as text."
+    "NAME=VALUE pairs from the command line; VALUE is JSON when it parses (null, numbers, lists, dicts), else text."
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -70,29 +86,34 @@ def parse_params(items: list[str]) -> dict:
     return out
 
 def execute(run: Run, profile: str, out_dir: Path, extra: dict | None = None) -> Path:
-    "Run one chapter with papermill (`extra` parameters only where the chapter declares them); returns the executed copy."
-    if not run.notebook.is_file(): raise SystemExit(f"{run.name}: source notebook {run.notebook.relative_to(ROOT)} not found")
+    "Run one chapter with papermill (`extra` parameters only where it declares them); returns the executed copy."
+    if not run.notebook.is_file():
+        raise SystemExit(f"{run.name}: source notebook {run.notebook.relative_to(ROOT)} not found")
     declared = set(pm.inspect_notebook(str(run.notebook))) if extra else set()
     out = out_dir / f"{run.name}.ipynb"
     parameters = {"profile": profile, **{k: v for k, v in (extra or {}).items() if k in declared}, **run.parameters}
     pm.execute_notebook(run.notebook, out, parameters=parameters, cwd=str(ROOT),
                         kernel_name="python3", progress_bar=False, request_save_on_cell_execute=False)
     if run.title: set_title(out, run.title)
+    hide_injected(out)
     return out
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="smoke", choices=PROFILES)
-    ap.add_argument("--only", nargs="*", default=None, help="run only these chapters (run names, or a source name for all its runs)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="run only these chapters (run names, or a source name for all its runs)")
     ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                    help="extra papermill parameter for every selected chapter that declares NAME (VALUE as JSON or text)")
+                    help="extra papermill parameter for every selected chapter that declares NAME "
+                         "(VALUE as JSON or text)")
     ap.add_argument("--list", action="store_true", help="print the runs in order and exit")
     args = ap.parse_args(argv)
     runs, extra = select(args.only), parse_params(args.param)
     if args.list:
         for r in runs: print(f"{r.name:32s} {r.notebook.relative_to(ROOT)} {r.parameters or ''}")
         return 0
-    out_dir = ROOT / "book/executed"; out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = executed_dir(args.profile); out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[{args.profile}] executed copies -> {out_dir.relative_to(ROOT)}", flush=True)
     for run in runs:
         start = time.time()
         print(f"[{args.profile}] {run.name} ...", flush=True)

@@ -7,7 +7,7 @@ __all__ = []
 
 # %% ../nbs/98_main.ipynb #7b9faa2c
 import sys
-from .export import main
+from .cli import main
 
 if __name__ == "__main__" and globals().get("__spec__") is not None:  # `python -m umedpt`, not a notebook kernel
     sys.exit(main())

@@ -29,7 +29,8 @@ class PixelDecoder(nn.Module):
                  in_channels: list[int],  # channels of the encoder maps at strides 4, 8, 16, 32
                  out_channels: int = 32):  # channels of the per-pixel embedding
         super().__init__()
-        if len(in_channels) != 4: raise ConfigError(f"PixelDecoder needs the channels of 4 encoder maps, got {in_channels}")
+        if len(in_channels) != 4:
+            raise ConfigError(f"PixelDecoder needs the channels of 4 encoder maps, got {in_channels}")
         self.in_channels, self.out_channels = list(in_channels), out_channels
         widths, prev, self.stages = (4 * out_channels, 2 * out_channels, out_channels), in_channels[-1], nn.ModuleList()
         for skip, width in zip(in_channels[-2::-1], widths):  # strides 16, 8, 4
@@ -54,7 +55,8 @@ class FPNDecoder(nn.Module):
                  in_channels: list[int],  # channels of the encoder maps at strides 8, 16, 32
                  channels: int = 64):  # channels of every output level
         super().__init__()
-        if len(in_channels) != 3: raise ConfigError(f"FPNDecoder needs the channels of the stride 8, 16, 32 maps, got {in_channels}")
+        if len(in_channels) != 3:
+            raise ConfigError(f"FPNDecoder needs the channels of the stride 8, 16, 32 maps, got {in_channels}")
         self.in_channels, self.channels = list(in_channels), channels
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
         self.output = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
@@ -75,10 +77,10 @@ class FPNDecoder(nn.Module):
 
 # %% ../nbs/04_blocks.ipynb #a215f7f2
 class CenternessBranch(nn.Module):
-    "Shared FCOS centerness: `num_convs` × (3×3 conv, GroupNorm, ReLU), then one 3×3 conv to a logit per location."
+    "Shared FCOS centerness: one 3×3 conv to a logit per location, after `num_convs` × (conv, GroupNorm, ReLU)."
     def __init__(self,
                  channels: int,  # channels of the FPN levels
-                 num_convs: int = 2):  # depth of the conv stack
+                 num_convs: int = 0):  # depth of an optional conv stack before the logit (0: the paper's)
         super().__init__()
         self.tower = nn.Sequential(*[conv_norm_act(channels, channels, norm="group") for _ in range(num_convs)])
         self.logit = nn.Conv2d(channels, 1, 3, padding=1)
@@ -93,21 +95,29 @@ class CenternessBranch(nn.Module):
 class BlocksConfig:
     "What to build: encoder, weights, input channels, decoder widths and the norm mode."
     encoder: str = "efficientnet_lite0"  # a key of umedpt.encoders.ENCODERS
-    pretrained: bool | str = False  # True: ImageNet weights (efficientnet_lite0 only); a path: encoder-only safetensors weights
+    # True: ImageNet weights (efficientnet_lite0 only); a path: encoder-only safetensors weights
+    pretrained: bool | str = False
     in_chans: int = 3  # input channels
     pixel_channels: int = 32  # channels of the per-pixel embedding
     fpn_channels: int = 64  # channels of every FPN level
-    norm: str = "layernorm"  # what swap_norms does to every norm layer: "layernorm", "affine", "frozen" or "keep"
+    norm: str = "layernorm"  # what swap_norms does to every norm layer: see umedpt.norms.NORM_MODES
+    centerness_convs: int = 0  # conv layers before the shared centerness logit (0: one conv, as the paper's heads)
 
     def __post_init__(self):
-        if self.encoder not in ENCODERS: raise ConfigError(f"BlocksConfig.encoder: unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
-        if self.norm not in NORM_MODES: raise ConfigError(f"BlocksConfig.norm: unknown mode {self.norm!r}; choose one of {', '.join(NORM_MODES)}")
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"BlocksConfig.encoder: unknown encoder {self.encoder!r}; "
+                              f"choose one of {', '.join(ENCODERS)}")
+        if self.norm not in NORM_MODES:
+            raise ConfigError(f"BlocksConfig.norm: unknown mode {self.norm!r}; choose one of {', '.join(NORM_MODES)}")
+        if not isinstance(self.centerness_convs, int) or self.centerness_convs < 0:
+            raise ConfigError(f"BlocksConfig.centerness_convs must be an integer ≥ 0, got {self.centerness_convs!r}")
         for name in ("in_chans", "pixel_channels", "fpn_channels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"BlocksConfig.{name} must be a positive integer, got {value!r}")
         if isinstance(self.pretrained, Path): self.pretrained = str(self.pretrained)
-        if not isinstance(self.pretrained, (bool, str)): raise ConfigError(f"BlocksConfig.pretrained must be a bool or a path, got {self.pretrained!r}")
+        if not isinstance(self.pretrained, (bool, str)):
+            raise ConfigError(f"BlocksConfig.pretrained must be a bool or a path, got {self.pretrained!r}")
 
 # %% ../nbs/04_blocks.ipynb #06f26f4a
 def _file_keys(path: str) -> set[str]:
@@ -125,13 +135,14 @@ class SharedBlocks(nn.Module):
         super().__init__()
         config = config if config is not None else BlocksConfig()
         unknown = set(overrides) - {f.name for f in fields(BlocksConfig)}
-        if unknown: raise ConfigError(f"SharedBlocks: unknown option(s) {', '.join(sorted(unknown))}; BlocksConfig has {', '.join(f.name for f in fields(BlocksConfig))}")
+        if unknown: raise ConfigError(f"SharedBlocks: unknown option(s) {', '.join(sorted(unknown))}; "
+                                      f"BlocksConfig has {', '.join(f.name for f in fields(BlocksConfig))}")
         self.config = config = replace(config, **overrides)
         path = config.pretrained if isinstance(config.pretrained, str) else None
         self.encoder = create_encoder(config.encoder, pretrained=config.pretrained is True, in_chans=config.in_chans)
         self.pixel_decoder = PixelDecoder(self.encoder.channels, config.pixel_channels)
         self.fpn = FPNDecoder(self.encoder.channels[-3:], config.fpn_channels)
-        self.centerness = CenternessBranch(config.fpn_channels)
+        self.centerness = CenternessBranch(config.fpn_channels, config.centerness_convs)
         before = path is not None and Path(path).is_file() and _file_keys(path) == set(self.encoder.state_dict())
         if before: load_encoder_weights(self.encoder, path)
         self.norm_report: NormSwapReport = swap_norms(self, config.norm)

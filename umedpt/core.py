@@ -14,8 +14,8 @@ import torch
 
 # %% auto #0
 __all__ = ['DATA_ENV', 'SAMPLE_KEYS', 'UmedptError', 'ConfigError', 'DataError', 'DataRootError', 'InputError', 'TrainingError',
-           'data_root', 'atomic_write', 'seed_everything', 'pick_device', 'check_sample', 'collate_samples',
-           'to_device', 'show_sample']
+           'data_root', 'atomic_write', 'seed_everything', 'pick_device', 'require_gpu', 'check_sample',
+           'collate_samples', 'to_device', 'train_steps', 'show_sample']
 
 # %% ../nbs/00_core.ipynb #ef1b5df0
 class UmedptError(Exception):
@@ -57,6 +57,12 @@ def data_root(
     return root
 
 # %% ../nbs/00_core.ipynb #4d888f59
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix": return
+    fd = os.open(folder, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
 def _swap_dir(tmp: Path, path: Path) -> None:
     "Replace the folder (or file) `path` by the folder `tmp`; the previous `path` is put back if the swap fails."
     if not path.exists(): os.replace(tmp, path); return
@@ -81,6 +87,7 @@ def atomic_write(
         else:
             with open(tmp, "rb+") as f: os.fsync(f.fileno())
             os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself survives a crash
     finally:
         if tmp.is_dir(): shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists(): tmp.unlink()
@@ -102,7 +109,8 @@ def _available(kind: str) -> bool:
     return False
 
 def pick_device(
-    prefer: str | torch.device | None = None,  # e.g. "cpu", "cuda", "cuda:1", "mps"; default: env UMEDPT_DEVICE or best available
+    # e.g. "cpu", "cuda", "cuda:1", "mps"; default: env UMEDPT_DEVICE or best available
+    prefer: str | torch.device | None = None,
 ) -> torch.device:
     "The device to compute on: cuda > mps > cpu unless `prefer` names one."
     prefer = prefer if prefer is not None else (os.environ.get("UMEDPT_DEVICE") or None)
@@ -113,6 +121,20 @@ def pick_device(
     if not _available(device.type):
         raise ConfigError(f"device {prefer!r} was requested but is not available on this machine")
     return device
+
+# %% ../nbs/00_core.ipynb #c7dc07c0
+def require_gpu(
+    what: str,  # who needs it, for the message (e.g. "the gpu profile of the pretraining chapter")
+    bf16: bool = True,  # also require bf16 support (the paper's mixed precision)
+) -> torch.device:
+    "The CUDA device, or a clear error *before* any work starts when there is none (or it lacks bf16)."
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{what} needs a CUDA GPU and this machine has none; run its 'gpu-dry' profile to try the "
+                          "same code path on the CPU, or the 'cpu' profile for CPU-scale results")
+    if bf16 and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{what} trains in bf16, which {torch.cuda.get_device_name()} does not support; "
+                          "use a GPU with bf16 (Ampere or newer) or turn bf16 off")
+    return torch.device("cuda")
 
 # %% ../nbs/00_core.ipynb #4dd28793
 SAMPLE_KEYS = ("image", "label", "labels", "mask", "boxes", "box_labels")
@@ -126,17 +148,21 @@ def check_sample(
     img = sample.get("image")
     if not isinstance(img, torch.Tensor) or img.ndim != 3 or not img.is_floating_point():
         fail(f"'image' must be a float tensor C×H×W, got {type(img).__name__} {getattr(img, 'shape', '')}")
-    if img.numel() and (img.min() < 0 or img.max() > 1): fail(f"'image' values must lie in [0, 1], got [{img.min():.3g}, {img.max():.3g}]")
+    if img.numel() and (img.min() < 0 or img.max() > 1):
+        fail(f"'image' values must lie in [0, 1], got [{img.min():.3g}, {img.max():.3g}]")
     h, w = img.shape[-2:]
     if "mask" in sample:
         m = sample["mask"]
         if not isinstance(m, torch.Tensor) or m.dtype != torch.long or tuple(m.shape) != (h, w):
-            fail(f"'mask' must be a long tensor of the image size {h}×{w}, got {getattr(m, 'dtype', type(m))} {tuple(getattr(m, 'shape', ()))}")
+            fail(f"'mask' must be a long tensor of the image size {h}×{w}, "
+                 f"got {getattr(m, 'dtype', type(m))} {tuple(getattr(m, 'shape', ()))}")
         if m.numel() and m.min() < -1: fail("'mask' values must be class indices or -1 (ignore)")
     if "boxes" in sample:
         b, l = sample["boxes"], sample.get("box_labels")
-        if not isinstance(b, torch.Tensor) or b.ndim != 2 or b.shape[1] != 4: fail(f"'boxes' must be N×4 xyxy, got {tuple(getattr(b, 'shape', ()))}")
-        if not isinstance(l, torch.Tensor) or l.shape != (b.shape[0],): fail("'box_labels' must be a long tensor with one entry per box")
+        if not isinstance(b, torch.Tensor) or b.ndim != 2 or b.shape[1] != 4:
+            fail(f"'boxes' must be N×4 xyxy, got {tuple(getattr(b, 'shape', ()))}")
+        if not isinstance(l, torch.Tensor) or l.shape != (b.shape[0],):
+            fail("'box_labels' must be a long tensor with one entry per box")
         if len(b) and ((b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])).any(): fail("every box needs x2 > x1 and y2 > y1")
         if len(b) and ((b[:, :2] < 0).any() or (b[:, 2] > w).any() or (b[:, 3] > h).any()):
             fail(f"boxes must lie inside the {w}×{h} image")
@@ -179,6 +205,77 @@ def to_device(
     if isinstance(batch, dict): return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)): return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+# %% ../nbs/00_core.ipynb #f84ea3ff
+import math
+from typing import Callable, Iterable
+
+_SCHEDULES = ("constant", "cosine")
+
+def _lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
+    "Learning-rate factor per step: 1, or cosine decay from 1 to 0 over `steps`."
+    if schedule == "constant": return lambda step: 1.0
+    if schedule == "cosine": return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    raise ConfigError(f"unknown schedule {schedule!r}; choose one of {', '.join(map(repr, _SCHEDULES))}")
+
+def _cycle(batches: Iterable, what: str) -> Iterator:
+    "Batches from `batches` without end, iterating it again each time it is exhausted."
+    while True:
+        empty = True
+        for batch in batches: empty = False; yield batch
+        if empty: raise ConfigError(f"{what}: the training loader yields no batches")
+
+
+# %% ../nbs/00_core.ipynb #8fae8e0a
+def _optimizer(params, lr: float, weight_decay: float, what: str) -> torch.optim.Optimizer:
+    "`params` if it is an optimiser already, else a new AdamW over these parameters or parameter groups."
+    if isinstance(params, torch.optim.Optimizer): return params
+    params = list(params)
+    if not params: raise ConfigError(f"{what}: no parameters to train")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+def _check_loss(loss, what: str, step: int) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(getattr(loss, "shape", ()))
+        raise InputError(f"{what}: the loss must be a scalar tensor, got {type(loss).__name__} of shape {shape}")
+    if not torch.isfinite(loss): raise TrainingError(f"{what}: non-finite loss {loss.item()} at step {step}")
+    return loss
+
+
+# %% ../nbs/00_core.ipynb #90fc3267
+def train_steps(
+    optimizer,  # a `torch.optim.Optimizer`, or parameters / parameter groups for a new AdamW(lr, weight_decay)
+    loss_of_batch: Callable[[dict], torch.Tensor],  # batch (on `device`) -> scalar loss
+    batches: Iterable,  # training batches; iterated again whenever it ends, until `steps` batches were used
+    steps: int,  # optimiser steps (a fixed budget)
+    device: torch.device | str | None = None,  # move each batch there with `to_device`; None: use it as it comes
+    schedule: str = "constant",  # learning-rate factor: "constant", or "cosine" decay to 0 over `steps`
+    clip_grad_norm: float | None = None,  # clip the global gradient norm to this before each step
+    lr: float = 1e-3,  # AdamW learning rate, when `optimizer` is parameters (groups may set their own)
+    weight_decay: float = 0.0,  # AdamW weight decay, when `optimizer` is parameters
+    on_step: Callable[[int, float], bool | None] | None = None,  # (steps done, loss) after each step; True stops
+    what: str = "train_steps",  # the caller's name in error messages
+) -> list[float]:
+    "Train for `steps` optimiser steps over cycled `batches`; returns the loss of every step."
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"{what}: steps must be a positive integer, got {steps!r}")
+    if clip_grad_norm is not None and not clip_grad_norm > 0:
+        raise ConfigError(f"{what}: clip_grad_norm must be positive or None, got {clip_grad_norm!r}")
+    factor, opt = _lr_factor(schedule, int(steps)), _optimizer(optimizer, lr, weight_decay, what)
+    sched = None if schedule == "constant" else torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    losses, stream = [], _cycle(batches, what)
+    for step in range(int(steps)):
+        batch = next(stream)
+        loss = _check_loss(loss_of_batch(batch if device is None else to_device(batch, device)), what, step)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        if clip_grad_norm is not None: torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        opt.step()
+        if sched is not None: sched.step()
+        losses.append(loss.item())
+        if on_step is not None and on_step(step + 1, losses[-1]): break
+    return losses
 
 
 # %% ../nbs/00_core.ipynb #e262c0c5

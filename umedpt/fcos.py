@@ -45,7 +45,8 @@ def fcos_grid(
         pts.append(torch.stack([xs, ys], -1).reshape(-1, 2).float().add(0.5).mul(s))
         st.append(torch.full((h * w,), float(s), device=device))
         lv.append(torch.full((h * w,), i, dtype=torch.long, device=device))
-    return FCOSGrid(torch.cat(pts), torch.cat(st), torch.cat(lv), [(int(h), int(w)) for h, w in level_sizes], list(strides))
+    return FCOSGrid(torch.cat(pts), torch.cat(st), torch.cat(lv), [(int(h), int(w)) for h, w in level_sizes],
+                    list(strides))
 
 def pyramid_sizes(
     image_size: tuple[int, int],  # (height, width) of the padded network input
@@ -76,18 +77,18 @@ def ltrb_to_boxes(points: Tensor, ltrb: Tensor) -> Tensor:
 def _tower(channels: int, num_convs: int) -> nn.Sequential:
     layers = []
     for _ in range(num_convs):
-        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(math.gcd(32, max(channels // 4, 1)), channels),
-                   nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(channels, channels, 3, padding=1),
+                   nn.GroupNorm(math.gcd(32, max(channels // 4, 1)), channels), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 class FCOSHead(nn.Module):
-    "Per-task FCOS head: classification and box towers shared across levels; centerness comes from a shared module."
+    "Per-task FCOS head: one conv for classes, one for boxes, on every level; centerness comes from a shared module."
     max_log_scale = 10.0  # distances are capped at stride·e^10, so a diverging head gives large boxes, not inf
 
     def __init__(self,
                  in_channels: int,  # channels of every pyramid level (the FPN width)
                  num_classes: int,  # object classes of this task (no background class)
-                 num_convs: int = 2,  # 3×3 conv layers in each tower
+                 num_convs: int = 0,  # 3×3 conv layers in a tower before each of them (0: the paper's head)
                  strides: Sequence[int] = FPN_STRIDES,  # stride of each pyramid level
                  prior: float = 0.01,  # initial probability of every class at every location
                 ):
@@ -95,7 +96,8 @@ class FCOSHead(nn.Module):
         if num_classes < 1: raise ConfigError(f"FCOSHead needs at least one class, got num_classes={num_classes}")
         if not 0 < prior < 1: raise ConfigError(f"prior must lie in (0, 1), got {prior}")
         if not isinstance(num_convs, int) or num_convs < 0:
-            raise ConfigError(f"num_convs (3×3 convs per tower; 0 = linear head) must be an integer ≥ 0, got {num_convs!r}")
+            raise ConfigError(f"num_convs (3×3 convs per tower; 0 = the paper's head) must be an integer ≥ 0, "
+                              f"got {num_convs!r}")
         self.in_channels, self.num_classes, self.strides = in_channels, num_classes, list(strides)
         self.cls_tower, self.box_tower = _tower(in_channels, num_convs), _tower(in_channels, num_convs)
         self.cls_logits = nn.Conv2d(in_channels, num_classes, 3, padding=1)
@@ -118,14 +120,16 @@ class FCOSHead(nn.Module):
             box.append((log_dist.float().exp() * s).flatten(2).transpose(1, 2))  # float32: e^10·s overflows fp16
             c = centerness(f)
             if c.shape != (f.shape[0], 1, *f.shape[-2:]):
-                raise InputError(f"the centerness module must map B×C×h×w to B×1×h×w, got {tuple(c.shape)} for level {i}")
+                raise InputError(f"the centerness module must map B×C×h×w to B×1×h×w, "
+                                 f"got {tuple(c.shape)} for level {i}")
             ctr.append(c.flatten(1))
         grid = fcos_grid([tuple(f.shape[-2:]) for f in feats], self.strides, device=feats[0].device)
         return FCOSOutput(torch.cat(cls, 1), torch.cat(box, 1), torch.cat(ctr, 1), grid)
 
     def _check(self, feats):
         if len(feats) != len(self.strides):
-            raise InputError(f"FCOSHead expects {len(self.strides)} pyramid levels (strides {self.strides}), got {len(feats)}")
+            raise InputError(f"FCOSHead expects {len(self.strides)} pyramid levels (strides {self.strides}), "
+                             f"got {len(feats)}")
         for i, f in enumerate(feats):
             if f.ndim != 4 or f.shape[1] != self.in_channels:
                 raise InputError(f"pyramid level {i} must be B×{self.in_channels}×h×w, got {tuple(f.shape)}")
@@ -145,13 +149,16 @@ def check_boxes(
 ) -> None:
     "Raise `InputError` naming `where` and the box for boxes outside the image, of zero area, or with bad labels."
     if not isinstance(boxes, Tensor) or boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise InputError(f"{where}: boxes must be an N×4 tensor (x1, y1, x2, y2), got {tuple(getattr(boxes, 'shape', ()))}")
+        raise InputError(f"{where}: boxes must be an N×4 tensor (x1, y1, x2, y2), "
+                         f"got {tuple(getattr(boxes, 'shape', ()))}")
     if not isinstance(labels, Tensor) or labels.shape != (len(boxes),) or labels.is_floating_point():
         raise InputError(f"{where}: box labels must be an integer tensor with one entry per box ({len(boxes)})")
     h, w = (int(v) for v in image_size)
     for k, ((x1, y1, x2, y2), lab) in enumerate(zip(boxes.tolist(), labels.tolist())):
-        if not (x2 > x1 and y2 > y1): raise InputError(f"{where}: box {k} {[x1, y1, x2, y2]} has zero area (needs x2 > x1, y2 > y1)")
-        if x1 < 0 or y1 < 0 or x2 > w or y2 > h: raise InputError(f"{where}: box {k} {[x1, y1, x2, y2]} lies outside the {w}×{h} (w×h) image")
+        if not (x2 > x1 and y2 > y1):
+            raise InputError(f"{where}: box {k} {[x1, y1, x2, y2]} has zero area (needs x2 > x1, y2 > y1)")
+        if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
+            raise InputError(f"{where}: box {k} {[x1, y1, x2, y2]} lies outside the {w}×{h} (w×h) image")
         if not 0 <= lab < num_classes: raise InputError(f"{where}: box {k} has label {lab}, outside [0, {num_classes})")
 
 # %% ../nbs/05_fcos.ipynb #7a9d8f93
@@ -196,7 +203,8 @@ def _rescue(idx: Tensor, inside: Tensor, ctr: Tensor) -> Tensor:
     for m in (counts == 0).nonzero().flatten().tolist():
         cand = inside[:, m].nonzero().flatten()
         owner = idx[cand]
-        score = torch.where((owner >= 0) & (counts[owner.clamp(min=0)] <= 1), -1.0, ctr[cand, m])  # keep others' last location
+        # keep others' last location
+        score = torch.where((owner >= 0) & (counts[owner.clamp(min=0)] <= 1), -1.0, ctr[cand, m])
         if len(cand) == 0 or score.max() < 0: continue
         p = cand[score.argmax()]
         if idx[p] >= 0: counts[idx[p]] -= 1
@@ -204,9 +212,11 @@ def _rescue(idx: Tensor, inside: Tensor, ctr: Tensor) -> Tensor:
     return idx
 
 def _as_sizes(image_sizes, batch_size: int) -> list[tuple[int, int]]:
-    sizes = [tuple(int(v) for v in hw) for hw in (image_sizes.tolist() if isinstance(image_sizes, Tensor) else image_sizes)]
+    sizes = [tuple(int(v) for v in hw)
+             for hw in (image_sizes.tolist() if isinstance(image_sizes, Tensor) else image_sizes)]
     if len(sizes) != batch_size or any(len(hw) != 2 for hw in sizes):
-        raise InputError(f"image_sizes must give (height, width) for each of the {batch_size} images, got {image_sizes!r}")
+        raise InputError(f"image_sizes must give (height, width) for each of the {batch_size} images, "
+                         f"got {image_sizes!r}")
     return sizes
 
 # %% ../nbs/05_fcos.ipynb #5a97f8cf
@@ -222,9 +232,11 @@ def fcos_targets(
     "Assign every ground-truth box to pyramid locations (FCOS rules) and compute their targets."
     sizes = _as_sizes(image_sizes, len(boxes))
     if len(labels) != len(boxes): raise InputError(f"{len(boxes)} box tensors but {len(labels)} label tensors")
-    ranges = torch.tensor(size_ranges if size_ranges is not None else default_size_ranges(grid.level_strides), dtype=torch.float)
+    ranges = torch.tensor(size_ranges if size_ranges is not None else default_size_ranges(grid.level_strides),
+                          dtype=torch.float)
     if ranges.shape != (len(grid.level_strides), 2):
-        raise ConfigError(f"size_ranges needs one (min, max) pair per level ({len(grid.level_strides)}), got {size_ranges!r}")
+        raise ConfigError(f"size_ranges needs one (min, max) pair per level ({len(grid.level_strides)}), "
+                          f"got {size_ranges!r}")
     lo, hi = ranges.to(grid.points.device)[grid.levels].unbind(1)
     n, out = len(grid), {k: [] for k in ("labels", "boxes", "ltrb", "centerness", "matched")}
     unassigned = 0
@@ -245,7 +257,7 @@ def fcos_targets(
 
 # %% ../nbs/05_fcos.ipynb #b8818b58
 class FCOSLoss(nn.Module):
-    "FCOS loss (focal + centerness-weighted GIoU + centerness BCE), each term scaled to ≈ 1 at init; averaged."
+    "FCOS loss: focal / C + centerness-weighted GIoU + centerness BCE (the paper's sum), or our normalised mean."
     def __init__(self,
                  num_classes: int,  # object classes of the task
                  size_ranges: Sequence[tuple[float, float]] | None = None,  # per level (min, max) of max(l,t,r,b)
@@ -253,9 +265,13 @@ class FCOSLoss(nn.Module):
                  alpha: float = 0.25,  # focal loss weight of the positives
                  gamma: float = 2.0,  # focal loss focusing exponent
                  prior: float = 0.01,  # the head's initial class probability, for the classification normaliser
+                 weighting: str = "paper",  # "paper": cls/C + box + ctr; "normalised": each term ≈ 1 at init, averaged
                 ):
         super().__init__()
         if num_classes < 1: raise ConfigError(f"FCOSLoss needs at least one class, got num_classes={num_classes}")
+        if weighting not in ("paper", "normalised"):
+            raise ConfigError(f"FCOSLoss weighting must be 'paper' or 'normalised', got {weighting!r}")
+        self.weighting = weighting
         self.num_classes, self.size_ranges, self.center_radius = num_classes, size_ranges, center_radius
         self.alpha, self.gamma = alpha, gamma
         self.cls_norm = alpha * (1 - prior) ** gamma * -math.log(prior)
@@ -266,10 +282,11 @@ class FCOSLoss(nn.Module):
                    labels: Sequence[Tensor],  # per image: M class indices
                    image_sizes: Tensor | Sequence[tuple[int, int]],  # per image: unpadded (height, width)
                   ) -> dict[str, Tensor]:
-        "The raw terms `cls`, `box`, `centerness` and the normalised total `loss`."
+        "The raw terms `cls`, `box`, `centerness` and the weighted total `loss`."
         if out.cls_logits.shape[-1] != self.num_classes:
             raise InputError(f"FCOSLoss for {self.num_classes} classes got {out.cls_logits.shape[-1]} class logits")
-        if len(boxes) != len(out.cls_logits): raise InputError(f"{len(out.cls_logits)} predictions but {len(boxes)} box tensors")
+        if len(boxes) != len(out.cls_logits):
+            raise InputError(f"{len(out.cls_logits)} predictions but {len(boxes)} box tensors")
         t = fcos_targets(out.grid, boxes, labels, image_sizes, self.num_classes, self.size_ranges, self.center_radius)
         pos, logits = t.positive, out.cls_logits.float()
         onehot = F.one_hot(t.labels.clamp(min=0), self.num_classes).to(logits) * pos[..., None]
@@ -280,7 +297,8 @@ class FCOSLoss(nn.Module):
             ctr = F.binary_cross_entropy_with_logits(out.centerness[pos].float(), w)
         else:  # zero, but connected to the graph
             box, ctr = out.box_reg.sum() * 0, out.centerness.sum() * 0
-        loss = (cls / self.cls_norm + box + ctr / math.log(2)) / 3
+        if self.weighting == "paper": loss = cls / self.num_classes + box + ctr
+        else: loss = (cls / self.cls_norm + box + ctr / math.log(2)) / 3
         return {"loss": loss, "cls": cls, "box": box, "centerness": ctr}
 
     def forward(self, out: FCOSOutput, boxes: Sequence[Tensor], labels: Sequence[Tensor],
@@ -327,5 +345,6 @@ def oracle_output(
     cls = torch.full((*pos.shape, num_classes), -confidence, device=pos.device)
     cls[pos, targets.labels[pos]] = confidence
     ltrb = torch.where(pos[..., None], targets.ltrb, grid.strides[None, :, None].expand_as(targets.ltrb))
-    ctr = torch.where(pos, torch.logit(targets.centerness.clamp(1e-6, 1 - 1e-6)), torch.full_like(targets.centerness, -confidence))
+    ctr = torch.where(pos, torch.logit(targets.centerness.clamp(1e-6, 1 - 1e-6)),
+                      torch.full_like(targets.centerness, -confidence))
     return FCOSOutput(cls, ltrb, ctr, grid)

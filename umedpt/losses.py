@@ -51,15 +51,18 @@ class SegmentationHead(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise InputError(f"SegmentationHead expects pixel embeddings B×{self.in_channels}×H×W, got {tuple(x.shape)}")
+            raise InputError(f"SegmentationHead expects pixel embeddings B×{self.in_channels}×H×W, "
+                             f"got {tuple(x.shape)}")
         return super().forward(x)
 
 # %% ../nbs/06_losses.ipynb #11f046f4
 def _check_int_target(target: Tensor, shape: tuple, num_classes: int, name: str, ignore: int | None = None) -> None:
     if not isinstance(target, Tensor) or target.is_floating_point() or target.dtype == torch.bool:
-        raise InputError(f"{name}: the target must be an integer tensor of class indices, got {getattr(target, 'dtype', type(target))}")
+        raise InputError(f"{name}: the target must be an integer tensor of class indices, "
+                         f"got {getattr(target, 'dtype', type(target))}")
     if tuple(target.shape) != tuple(shape):
-        raise InputError(f"{name}: target shape {tuple(target.shape)} does not match the logits, expected {tuple(shape)}")
+        raise InputError(f"{name}: target shape {tuple(target.shape)} does not match the logits, "
+                         f"expected {tuple(shape)}")
     valid = target[target != ignore] if ignore is not None else target
     if valid.numel() and (valid.min() < 0 or valid.max() >= num_classes):
         allowed = f"[0, {num_classes})" + (f" or {ignore}" if ignore is not None else "")
@@ -93,8 +96,9 @@ class MultiLabelLoss(nn.Module):
         if logits.ndim != 2 or (self.num_labels is not None and logits.shape[1] != self.num_labels):
             raise InputError(f"MultiLabelLoss: logits must be B×{self.num_labels or 'K'}, got {tuple(logits.shape)}")
         if not isinstance(target, Tensor) or not target.is_floating_point() or target.shape != logits.shape:
-            raise InputError(f"MultiLabelLoss: target must be a float tensor of the logits' shape {tuple(logits.shape)} "
-                             f"(nan = missing), got {getattr(target, 'dtype', type(target))} {tuple(getattr(target, 'shape', ()))}")
+            raise InputError(f"MultiLabelLoss: target must be a float tensor of the logits' shape "
+                             f"{tuple(logits.shape)} (nan = missing), "
+                             f"got {getattr(target, 'dtype', type(target))} {tuple(getattr(target, 'shape', ()))}")
         observed = ~target.isnan()
         if ((target[observed] < 0) | (target[observed] > 1)).any():
             raise InputError("MultiLabelLoss: observed target values must lie in [0, 1]")
@@ -119,11 +123,13 @@ class SegmentationLoss(nn.Module):
                  gamma: float = 2.0,  # focal loss focusing exponent
                 ):
         super().__init__()
-        if num_classes < 2: raise ConfigError(f"segmentation needs at least 2 classes (background included), got {num_classes}")
+        if num_classes < 2:
+            raise ConfigError(f"segmentation needs at least 2 classes (background included), got {num_classes}")
         self.num_classes = num_classes
         from monai.losses import DiceLoss, FocalLoss  # imported here: MONAI takes seconds to import
         self.dice = DiceLoss(include_background=True, to_onehot_y=True, softmax=True, batch=True, ignore_index=-1)
-        self.focal = FocalLoss(include_background=True, to_onehot_y=True, use_softmax=True, gamma=gamma, ignore_index=-1)
+        self.focal = FocalLoss(include_background=True, to_onehot_y=True, use_softmax=True, gamma=gamma,
+                               ignore_index=-1)
         self.dice_norm, self.focal_norm = dice_at_uniform(num_classes), focal_at_uniform(num_classes, gamma)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:

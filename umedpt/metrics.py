@@ -43,7 +43,8 @@ def classification_metrics(
     pred = p.argmax(1)
     auroc = (_binary_auroc(y == 1, p[:, 1]) if p.shape[1] == 2
              else _mean(_binary_auroc(y == c, p[:, c]) for c in range(p.shape[1])))
-    return {"accuracy": float((pred == y).mean()), "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+    return {"accuracy": float((pred == y).mean()),
+            "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
             "auroc": auroc}
 
 # %% ../nbs/07_metrics.ipynb #f07ccfdf
@@ -55,7 +56,8 @@ def multilabel_metrics(
     "Hamming accuracy, macro-F1 and macro AUROC over labels, using observed (non-nan) targets only."
     p, y = _np(probs).astype(np.float64), _np(target).astype(np.float64)
     if p.ndim != 2 or p.shape != y.shape:
-        raise InputError(f"multilabel_metrics needs probs and target of the same shape B×K, got {p.shape} and {y.shape}")
+        raise InputError(f"multilabel_metrics needs probs and target of the same shape B×K, "
+                         f"got {p.shape} and {y.shape}")
     seen = ~np.isnan(y)
     if not np.isin(y[seen], (0, 1)).all(): raise InputError("multi-label targets must be 0, 1 or nan (missing)")
     if p.min() < 0 or p.max() > 1: raise InputError("probs must lie in [0, 1]: pass sigmoid(logits), not logits")
@@ -75,12 +77,16 @@ def confusion_matrix(
     num_classes: int,  # C
 ) -> Tensor:
     "C×C pixel counts, rows = true class, columns = predicted class; pixels with target -1 are skipped."
-    if pred.shape != target.shape: raise InputError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    if pred.is_floating_point() or target.is_floating_point(): raise InputError("pred and target must be integer class maps (arg-max the logits first)")
+    if pred.shape != target.shape:
+        raise InputError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if pred.is_floating_point() or target.is_floating_point():
+        raise InputError("pred and target must be integer class maps (arg-max the logits first)")
     valid = target != -1
     t, p = target[valid].long(), pred[valid].long()
-    if t.numel() and (t.min() < 0 or t.max() >= num_classes): raise InputError(f"target values must lie in [0, {num_classes}) or be -1")
-    if p.numel() and (p.min() < 0 or p.max() >= num_classes): raise InputError(f"pred values must lie in [0, {num_classes})")
+    if t.numel() and (t.min() < 0 or t.max() >= num_classes):
+        raise InputError(f"target values must lie in [0, {num_classes}) or be -1")
+    if p.numel() and (p.min() < 0 or p.max() >= num_classes):
+        raise InputError(f"pred values must lie in [0, {num_classes})")
     return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes).cpu()
 
 def segmentation_metrics(
@@ -94,7 +100,8 @@ def segmentation_metrics(
     if not include_background: present[0] = False
     iou, dice = tp / (tp + fp + fn), 2 * tp / (2 * tp + fp + fn)
     mean = lambda v: v[present].mean().item() if present.any() else math.nan
-    return {"miou": mean(iou), "dice": mean(dice), "pixel_accuracy": (tp.sum() / cm.sum()).item() if cm.sum() > 0 else math.nan}
+    return {"miou": mean(iou), "dice": mean(dice),
+            "pixel_accuracy": (tp.sum() / cm.sum()).item() if cm.sum() > 0 else math.nan}
 
 # %% ../nbs/07_metrics.ipynb #bb98fbf9
 def _coco_boxes(boxes) -> list[list[float]]:
@@ -105,7 +112,8 @@ def _labels(d: dict, where: str):
     labels = d.get("labels", d.get("box_labels"))
     if labels is None or "boxes" not in d: raise InputError(f"{where} needs 'boxes' and 'labels'")
     labels = _np(labels).astype(np.int64).reshape(-1)
-    if len(labels) != len(_np(d["boxes"]).reshape(-1, 4)): raise InputError(f"{where}: {len(labels)} labels for {len(_np(d['boxes']).reshape(-1, 4))} boxes")
+    if len(labels) != len(_np(d["boxes"]).reshape(-1, 4)):
+        raise InputError(f"{where}: {len(labels)} labels for {len(_np(d['boxes']).reshape(-1, 4))} boxes")
     return labels
 
 def detection_map(
@@ -123,7 +131,8 @@ def detection_map(
         scores = _np(p["scores"]).reshape(-1)
         if len(scores) != len(pl): raise InputError(f"prediction {i}: {len(scores)} scores for {len(pl)} boxes")
         for box, lab in zip(_coco_boxes(t["boxes"]), tl):
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(lab) + 1, "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(lab) + 1, "bbox": box,
+                         "area": box[2] * box[3], "iscrowd": 0})
         dets += [{"image_id": i + 1, "category_id": int(lab) + 1, "bbox": box, "score": float(s)}
                  for box, lab, s in zip(_coco_boxes(p["boxes"]), pl, scores)]
         cats |= set(tl.tolist()) | set(pl.tolist())

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_sampler.ipynb #dd14df9d
 from __future__ import annotations
-import math, zlib
+import logging, math, zlib
 from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from .core import ConfigError, DataError, collate_samples
 
 # %% auto #0
-__all__ = ['MODES', 'stream_seed', 'SeededSampler', 'make_loader', 'TaskSampler']
+__all__ = ['LOAD_ERRORS', 'MODES', 'stream_seed', 'SeededSampler', 'make_loader', 'TaskSampler']
 
 # %% ../nbs/14_sampler.ipynb #ece55dab
 def stream_seed(seed: int, *keys: int | str) -> int:
@@ -43,7 +43,8 @@ class SeededSampler(Sampler[int]):
 
     def indices(self) -> list[int]:
         "This rank's indices of the current epoch's pass, from the beginning."
-        if self.shuffle: order = torch.randperm(self.n, generator=torch.Generator().manual_seed(stream_seed(self.seed, self.epoch)))
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(stream_seed(self.seed, self.epoch)))
         else: order = torch.arange(self.n)
         total = len(self) * self.num_replicas
         if total > self.n: order = torch.cat([order, order[: total - self.n]])
@@ -64,14 +65,42 @@ def make_loader(
     collate_fn=collate_samples,  # how samples become a batch
     num_replicas: int = 1,  # data-parallel ranks
     rank: int = 0,  # this process's rank
+    skip_unreadable: bool = False,  # replace a sample that fails to load by the next index (and log a warning)
     **kwargs,  # anything else `DataLoader` takes (pin_memory, prefetch_factor, ...)
 ) -> DataLoader:
     "A `DataLoader` whose order a `TaskSampler` seeds per (seed, task, epoch) and fast-forwards without loading data."
-    if not hasattr(dataset, "__len__"): raise ConfigError(f"make_loader needs a dataset with a length, got {type(dataset).__name__}")
-    if not isinstance(batch_size, int) or batch_size <= 0: raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not hasattr(dataset, "__len__"):
+        raise ConfigError(f"make_loader needs a dataset with a length, got {type(dataset).__name__}")
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if skip_unreadable: dataset = _SkipUnreadable(dataset)
     sampler = SeededSampler(len(dataset), shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
                       collate_fn=collate_fn, **kwargs)
+
+# %% ../nbs/14_sampler.ipynb #fdc9f8b9
+LOAD_ERRORS = (DataError, OSError, ValueError)  # what datasets and readers raise for a sample they cannot read
+_log = logging.getLogger("umedpt.sampler")
+
+class _SkipUnreadable(Dataset):
+    "A map-style dataset whose unreadable samples are replaced by the next readable index, with a logged warning."
+    def __init__(self, dataset: Dataset, max_tries: int = 64):
+        self.dataset, self.max_tries = dataset, max_tries
+    def __len__(self) -> int: return len(self.dataset)
+    def __getattr__(self, name: str):  # the wrapped dataset's own attributes (classes, ...), but no dunders
+        if name.startswith("__") or name == "dataset": raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, i: int):
+        n = len(self.dataset)
+        for j in range(i, i + min(n, self.max_tries)):
+            try: return self.dataset[j % n]
+            except LOAD_ERRORS as e:
+                _log.warning("skipping unreadable sample %d of %s: %s: %s", j % n, type(self.dataset).__name__,
+                             type(e).__name__, e)
+        raise DataError(f"{type(self.dataset).__name__}: none of the {min(n, self.max_tries)} samples from index {i} "
+                        f"on could be read (see the warnings)")
+
 
 # %% ../nbs/14_sampler.ipynb #e4617557
 _END = object()  # marks the end of a pass
@@ -96,14 +125,19 @@ class _TaskStream:
             elif hasattr(s, "set_epoch"): s.set_epoch(self.epoch)
         self._it = iter(loader)
         for i in range(skip):
-            if next(self._it, _END) is _END:
+            try: batch = next(self._it, _END)
+            except LOAD_ERRORS: continue  # a batch that failed to load, which the interrupted run skipped
+            if batch is _END:
                 raise DataError(f"task {self.name!r}: cannot fast-forward to batch {skip} of epoch {self.epoch}; "
                                 f"its loader has only {i} batches (was the state saved with another dataset?)")
 
     def next_in_pass(self):
         "The next batch of the current pass, or `_END` once (after which the next pass begins)."
         if self._it is None: self._open()
-        batch = next(self._it, _END)
+        try: batch = next(self._it, _END)
+        except Exception:
+            self.consumed += 1  # the loader moved past the failed batch; a resume must too
+            raise
         if batch is _END:
             if self.consumed == 0: raise DataError(f"task {self.name!r}: its loader yielded no batch in a whole pass")
             self._it, self.epoch, self.consumed = None, self.epoch + 1, 0
@@ -140,7 +174,8 @@ class TaskSampler:
         if not isinstance(tasks_and_loaders, dict) or not tasks_and_loaders:
             raise ConfigError("tasks_and_loaders must be a non-empty dict: task name -> loader")
         for name, loader in tasks_and_loaders.items():
-            if not isinstance(name, str) or not name: raise ConfigError(f"task names must be non-empty strings, got {name!r}")
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"task names must be non-empty strings, got {name!r}")
             if not hasattr(loader, "__iter__") or iter(loader) is loader:
                 raise ConfigError(f"task {name!r}: its loader must be re-iterable (a DataLoader or a list), "
                                   f"not a one-shot {type(loader).__name__}")
@@ -157,47 +192,54 @@ class TaskSampler:
     @property
     def epochs(self) -> dict[str, int]: return {n: s.epoch for n, s in self.streams.items()}
     def __iter__(self) -> TaskSampler: return self
-    def __repr__(self): return f"TaskSampler({len(self.names)} tasks, mode={self.mode!r}, seed={self.seed}, position={self.position})"
+    def __repr__(self):
+        return f"TaskSampler({len(self.names)} tasks, mode={self.mode!r}, seed={self.seed}, position={self.position})"
 
-# %% ../nbs/14_sampler.ipynb #165c82c1
-def _round_order(self: TaskSampler, r: int) -> list[str]:
-    "Task order of cyclic round `r`."
-    if not self.shuffle_rounds: return self.names
-    perm = np.random.default_rng(stream_seed(self.seed, "rounds", r)).permutation(len(self.names))
-    return [self.names[i] for i in perm]
+    def _round_order(self, r: int) -> list[str]:
+        "Task order of cyclic round `r`."
+        if not self.shuffle_rounds: return self.names
+        perm = np.random.default_rng(stream_seed(self.seed, "rounds", r)).permutation(len(self.names))
+        return [self.names[i] for i in perm]
 
-def _next_item(self: TaskSampler) -> tuple[str, object]:
-    "The next `(task_name, batch)`."
-    n = len(self.names)
-    if self.mode == "cyclic": name = self._round_order(self.position // n)[self.position % n]
-    elif self.mode == "balanced":
-        name = self.names[np.random.default_rng(stream_seed(self.seed, "balanced", self.position)).choice(n, p=self.weights)]
-    else:
-        while (batch := self.streams[self.names[self._current]].next_in_pass()) is _END:
-            self._current = (self._current + 1) % n
+    def _next_task(self) -> str:
+        "The task the current position draws from (concat mode: the task of the current pass)."
+        n = len(self.names)
+        if self.mode == "cyclic": return self._round_order(self.position // n)[self.position % n]
+        if self.mode == "balanced":
+            rng = np.random.default_rng(stream_seed(self.seed, "balanced", self.position))
+            return self.names[rng.choice(n, p=self.weights)]
+        return self.names[self._current]
+
+    def __next__(self) -> tuple[str, object]:
+        "The next `(task_name, batch)`; an error of a task's loader is raised with the task's name as `error.task`."
+        name = self._next_task()
+        try:
+            if self.mode != "concat": batch = self.streams[name].next()
+            else:
+                while (batch := self.streams[name].next_in_pass()) is _END:
+                    self._current = (self._current + 1) % len(self.names)
+                    name = self.names[self._current]
+        except Exception as e:
+            e.task = name
+            e.add_note(f"(raised by the loader of task {name!r}, item {self.position} of the TaskSampler)")
+            raise
         self.position += 1
-        return self.names[self._current], batch
-    batch = self.streams[name].next()
-    self.position += 1
-    return name, batch
+        return name, batch
 
-TaskSampler._round_order, TaskSampler.__next__ = _round_order, _next_item
+    def state_dict(self) -> dict:
+        "Everything needed to continue the stream exactly, as plain ints and strings (weights-only loadable)."
+        return {"mode": self.mode, "seed": self.seed, "shuffle_rounds": self.shuffle_rounds, "names": list(self.names),
+                "position": self.position, "current": self._current,
+                "streams": {n: {"epoch": s.epoch, "consumed": s.consumed} for n, s in self.streams.items()}}
 
-# %% ../nbs/14_sampler.ipynb #8dbe581e
-def _state_dict(self: TaskSampler) -> dict:
-    "Everything needed to continue the stream exactly: plain ints and strings (safe for `torch.load(weights_only=True)`)."
-    return {"mode": self.mode, "seed": self.seed, "shuffle_rounds": self.shuffle_rounds, "names": list(self.names),
-            "position": self.position, "current": self._current,
-            "streams": {n: {"epoch": s.epoch, "consumed": s.consumed} for n, s in self.streams.items()}}
-
-def _load_state_dict(self: TaskSampler, state: dict) -> None:
-    "Continue from `state`; the next draw is the one an uninterrupted run would have made."
-    mine = (self.mode, self.seed, self.shuffle_rounds, list(self.names))
-    theirs = (state.get("mode"), state.get("seed"), state.get("shuffle_rounds"), list(state.get("names", [])))
-    if mine != theirs: raise ConfigError(f"sampler state is for (mode, seed, shuffle_rounds, tasks) = {theirs}, "
-                                         f"this sampler has {mine}")
-    self.position, self._current = int(state["position"]), int(state["current"])
-    for name, s in self.streams.items():
-        s.epoch, s.consumed, s._it = int(state["streams"][name]["epoch"]), int(state["streams"][name]["consumed"]), None
-
-TaskSampler.state_dict, TaskSampler.load_state_dict = _state_dict, _load_state_dict
+    def load_state_dict(self, state: dict) -> None:
+        "Continue from `state`; the next draw is the one an uninterrupted run would have made."
+        mine = (self.mode, self.seed, self.shuffle_rounds, list(self.names))
+        theirs = (state.get("mode"), state.get("seed"), state.get("shuffle_rounds"), list(state.get("names", [])))
+        if mine != theirs:
+            raise ConfigError(f"sampler state is for (mode, seed, shuffle_rounds, tasks) = {theirs}, "
+                              f"this sampler has {mine}")
+        self.position, self._current = int(state["position"]), int(state["current"])
+        for name, s in self.streams.items():
+            saved = state["streams"][name]
+            s.epoch, s.consumed, s._it = int(saved["epoch"]), int(saved["consumed"]), None

@@ -59,7 +59,8 @@ class ShapesDataset(Dataset):
                  size: int | tuple[int, int] = 64,  # image (height, width), or the smallest size when `max_size` is set
                  seed: int = 0,  # samples are a pure function of (seed, index)
                  channels: int = 3,  # 1 (grey) or 3 (RGB)
-                 max_size: int | tuple[int, int] | None = None,  # if set, each image gets a random size in [size, max_size]
+                 # if set, each image gets a random size in [size, max_size]
+                 max_size: int | tuple[int, int] | None = None,
                  max_shapes: int = 3,  # objects per image for the multi-object tasks (1 for classification)
                  rel_size: tuple[float, float] = (0.25, 0.5),  # object diameter as a fraction of the shorter side
                 ):
@@ -69,10 +70,12 @@ class ShapesDataset(Dataset):
         self.max_size = _as_hw(max_size, "max_size") if max_size is not None else self.size
         if min(self.size) < self.min_side:
             raise ConfigError(f"size {self.size} is too small: both sides must be at least {self.min_side} pixels")
-        if any(a > b for a, b in zip(self.size, self.max_size)): raise ConfigError(f"max_size {self.max_size} is smaller than size {self.size}")
+        if any(a > b for a, b in zip(self.size, self.max_size)):
+            raise ConfigError(f"max_size {self.max_size} is smaller than size {self.size}")
         if channels not in (1, 3): raise ConfigError(f"channels must be 1 or 3, got {channels!r}")
         if max_shapes < 1: raise ConfigError(f"max_shapes must be at least 1, got {max_shapes!r}")
-        if not 0 < rel_size[0] <= rel_size[1] <= 1: raise ConfigError(f"rel_size must satisfy 0 < min <= max <= 1, got {rel_size!r}")
+        if not 0 < rel_size[0] <= rel_size[1] <= 1:
+            raise ConfigError(f"rel_size must satisfy 0 < min <= max <= 1, got {rel_size!r}")
         self.task, self.n, self.seed, self.channels = task, int(n), int(seed), channels
         self.max_shapes = 1 if task == "classification" else max_shapes
         self.rel_size = rel_size

@@ -16,7 +16,7 @@ from .core import ConfigError, DataError, InputError, check_sample
 from .volumes import _stream_shard, _reseed
 
 # %% auto #0
-__all__ = ['SlideLevel', 'SlideReader', 'read_level', 'read_region', 'tissue_mask', 'CachedPatchDataset']
+__all__ = ['SlideLevel', 'SlideReader', 'tissue_mask', 'CachedPatchDataset']
 
 # %% ../nbs/12_slides.ipynb #4cbcde6b
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ def _open_tiff(path: Path):
     for p in pages:
         if p.dtype != np.uint8 or p.ndim not in (2, 3) or (p.ndim == 3 and p.planarconfig != 1):
             tif.close()
-            raise DataError(f"slide {path}: only 8-bit grey or interleaved colour pyramids are supported, got {p.dtype} {p.shape}")
+            raise DataError(f"slide {path}: only 8-bit grey or interleaved colour pyramids are supported, "
+                            f"got {p.dtype} {p.shape}")
     return tif, pages
 
 # %% ../nbs/12_slides.ipynb #3db2894a
@@ -49,8 +50,8 @@ class SlideReader:
         if not self.path.is_file(): raise DataError(f"slide file {self.path} does not exist")
         self._open()
         w0 = self._pages[0].shape[1]
-        self.levels = [SlideLevel((p.shape[0], p.shape[1]), w0 / p.shape[1], (p.tilelength, p.tilewidth) if p.is_tiled else None)
-                       for p in self._pages]
+        self.levels = [SlideLevel((p.shape[0], p.shape[1]), w0 / p.shape[1],
+                                  (p.tilelength, p.tilewidth) if p.is_tiled else None) for p in self._pages]
         self.channels = 1 if self._pages[0].ndim == 2 else self._pages[0].shape[2]
 
     def _open(self) -> None:
@@ -69,67 +70,66 @@ class SlideReader:
     def __setstate__(self, state): self.__dict__.update(state); self._open()
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
+
+    def _level_index(self, level: int) -> int:
+        n = len(self.levels)
+        if not -n <= level < n:
+            raise InputError(f"slide {self.path.name} has {n} level(s); level {level} does not exist")
+        return level % n
+
+    def _tile(self, lev: int, index: int) -> np.ndarray:
+        "Decoded tile `index` of level `lev`, as a full th×tw×C array."
+        key = (lev, index)
+        if key in self._tiles: self._tiles.move_to_end(key); return self._tiles[key]
+        page = self._pages[lev]
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        th, tw = self.levels[lev].tile
+        if count == 0: tile = np.zeros((th, tw, self.channels), np.uint8)  # an empty tile, as tifffile fills it
+        else:
+            try: data, _, _ = page.decode(os.pread(self._fd, count, offset), index, jpegtables=page.jpegtables)
+            except Exception as e:
+                raise DataError(f"slide {self.path}: cannot decode tile {index} of level {lev}: {e}") from None
+            tile = np.asarray(data).reshape(th, tw, -1)
+        self._tiles[key] = tile
+        if len(self._tiles) > self.tile_cache: self._tiles.popitem(last=False)
+        return tile
+
+    def read_level(self, level: int = -1) -> np.ndarray:
+        "A whole level decoded (page.asarray()), H×W×C uint8; meant for the small low-resolution levels."
+        self._check_process()
+        lev = self._level_index(level)
+        if lev not in self._full:
+            arr = self._pages[lev].asarray()
+            self._full = {lev: arr if arr.ndim == 3 else arr[..., None]}  # keep only the last decoded level
+        return self._full[lev]
+
+    def read_region(self,
+                    level: int,  # pyramid level (0 = full resolution; negative counts from the smallest)
+                    y: int, x: int,  # top-left corner in the coordinates of `level`
+                    h: int, w: int,  # region size in pixels of `level`
+                   ) -> np.ndarray:
+        "The h×w×C uint8 region at (y, x) of `level`, decoding only the tiles it overlaps."
+        self._check_process()
+        lev = self._level_index(level)
+        lh, lw = self.levels[lev].shape
+        if h <= 0 or w <= 0 or y < 0 or x < 0 or y + h > lh or x + w > lw:
+            raise InputError(f"slide {self.path.name}: region y={y}, x={x}, h={h}, w={w} is not inside level {lev} "
+                             f"of size {lh}×{lw}")
+        if self.levels[lev].tile is None: return self.read_level(lev)[y:y + h, x:x + w].copy()
+        th, tw = self.levels[lev].tile
+        ntx = -(-lw // tw)
+        out = np.empty((h, w, self.channels), np.uint8)
+        for ty in range(y // th, (y + h - 1) // th + 1):
+            for tx in range(x // tw, (x + w - 1) // tw + 1):
+                tile = self._tile(lev, ty * ntx + tx)
+                y0, y1 = max(y, ty * th), min(y + h, (ty + 1) * th)  # overlap in level coordinates
+                x0, x1 = max(x, tx * tw), min(x + w, (tx + 1) * tw)
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty * th:y1 - ty * th, x0 - tx * tw:x1 - tx * tw]
+        return out
+
     def __repr__(self):
         return f"SlideReader({self.path.name!r}, levels={[lv.shape for lv in self.levels]})"
 
-# %% ../nbs/12_slides.ipynb #89af63e5
-def _level_index(self: SlideReader, level: int) -> int:
-    n = len(self.levels)
-    if not -n <= level < n: raise InputError(f"slide {self.path.name} has {n} level(s); level {level} does not exist")
-    return level % n
-
-def _tile(self: SlideReader, lev: int, index: int) -> np.ndarray:
-    "Decoded tile `index` of level `lev`, as a full th×tw×C array."
-    key = (lev, index)
-    if key in self._tiles: self._tiles.move_to_end(key); return self._tiles[key]
-    page = self._pages[lev]
-    offset, count = page.dataoffsets[index], page.databytecounts[index]
-    th, tw = self.levels[lev].tile
-    if count == 0: tile = np.zeros((th, tw, self.channels), np.uint8)  # an empty tile, as tifffile fills it
-    else:
-        try: data, _, _ = page.decode(os.pread(self._fd, count, offset), index, jpegtables=page.jpegtables)
-        except Exception as e: raise DataError(f"slide {self.path}: cannot decode tile {index} of level {lev}: {e}") from None
-        tile = np.asarray(data).reshape(th, tw, -1)
-    self._tiles[key] = tile
-    if len(self._tiles) > self.tile_cache: self._tiles.popitem(last=False)
-    return tile
-
-SlideReader._level_index, SlideReader._tile = _level_index, _tile
-
-# %% ../nbs/12_slides.ipynb #cc739114
-def read_level(self: SlideReader, level: int = -1) -> np.ndarray:
-    "A whole level decoded (page.asarray()), H×W×C uint8; meant for the small low-resolution levels."
-    self._check_process()
-    lev = self._level_index(level)
-    if lev not in self._full:
-        arr = self._pages[lev].asarray()
-        self._full = {lev: arr if arr.ndim == 3 else arr[..., None]}  # keep only the last decoded level
-    return self._full[lev]
-
-def read_region(self: SlideReader,
-                level: int,  # pyramid level (0 = full resolution; negative counts from the smallest)
-                y: int, x: int,  # top-left corner in the coordinates of `level`
-                h: int, w: int,  # region size in pixels of `level`
-               ) -> np.ndarray:
-    "The h×w×C uint8 region at (y, x) of `level`, decoding only the tiles it overlaps."
-    self._check_process()
-    lev = self._level_index(level)
-    lh, lw = self.levels[lev].shape
-    if h <= 0 or w <= 0 or y < 0 or x < 0 or y + h > lh or x + w > lw:
-        raise InputError(f"slide {self.path.name}: region y={y}, x={x}, h={h}, w={w} is not inside level {lev} of size {lh}×{lw}")
-    if self.levels[lev].tile is None: return self.read_level(lev)[y:y + h, x:x + w].copy()
-    th, tw = self.levels[lev].tile
-    ntx = -(-lw // tw)
-    out = np.empty((h, w, self.channels), np.uint8)
-    for ty in range(y // th, (y + h - 1) // th + 1):
-        for tx in range(x // tw, (x + w - 1) // tw + 1):
-            tile = self._tile(lev, ty * ntx + tx)
-            y0, y1 = max(y, ty * th), min(y + h, (ty + 1) * th)  # overlap in level coordinates
-            x0, x1 = max(x, tx * tw), min(x + w, (tx + 1) * tw)
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty * th:y1 - ty * th, x0 - tx * tw:x1 - tx * tw]
-    return out
-
-SlideReader.read_level, SlideReader.read_region = read_level, read_region
 
 # %% ../nbs/12_slides.ipynb #35365d60
 def tissue_mask(
@@ -153,7 +153,8 @@ def tissue_mask(
 # %% ../nbs/12_slides.ipynb #a24ec608
 def _as_hw(size, name: str) -> tuple[int, int]:
     hw = (size, size) if isinstance(size, (int, np.integer)) else tuple(size)
-    if len(hw) != 2 or any(int(s) < 1 for s in hw): raise ConfigError(f"{name} must be a positive int or (height, width), got {size!r}")
+    if len(hw) != 2 or any(int(s) < 1 for s in hw):
+        raise ConfigError(f"{name} must be a positive int or (height, width), got {size!r}")
     return int(hw[0]), int(hw[1])
 
 @dataclass
@@ -164,6 +165,13 @@ class _Slide:
     tissue: np.ndarray  # (row, col) of every tissue pixel of `mask`
     level: int
     scale: tuple[float, float]  # mask pixel -> pixels of `level`
+
+def _tissue_fraction(s: _Slide, y: int, x: int, h: int, w: int) -> float:
+    "Fraction of tissue in the box (y, x, h, w) of the slide's level, looked up in its tissue mask."
+    (sy, sx), m = s.scale, s.mask
+    y0, x0 = int(y / sy), int(x / sx)
+    y1, x1 = max(y0 + 1, math.ceil((y + h) / sy)), max(x0 + 1, math.ceil((x + w) / sx))
+    return float(m[y0:y1, x0:x1].mean())
 
 # %% ../nbs/12_slides.ipynb #42a5a15e
 class CachedPatchDataset(IterableDataset):
@@ -183,8 +191,10 @@ class CachedPatchDataset(IterableDataset):
                  tissue_level: int = -1,  # level for `tissue_mask`
                 ):
         if len(slide_paths) == 0: raise ConfigError("CachedPatchDataset needs at least one slide")
-        if labels is not None and len(labels) != len(slide_paths): raise ConfigError(f"got {len(labels)} labels for {len(slide_paths)} slides")
-        if cache_regions < 1 or refresh_every < 0: raise ConfigError("cache_regions must be >= 1 and refresh_every >= 0")
+        if labels is not None and len(labels) != len(slide_paths):
+            raise ConfigError(f"got {len(labels)} labels for {len(slide_paths)} slides")
+        if cache_regions < 1 or refresh_every < 0:
+            raise ConfigError("cache_regions must be >= 1 and refresh_every >= 0")
         if not 0 <= min_tissue <= 1: raise ConfigError(f"min_tissue must lie in [0, 1], got {min_tissue!r}")
         self.patch_size, self.region_size = _as_hw(patch_size, "patch_size"), _as_hw(region_size, "region_size")
         self.slides = [self._prepare(SlideReader(p), level, tissue_level) for p in slide_paths]
@@ -194,10 +204,12 @@ class CachedPatchDataset(IterableDataset):
 
     def _prepare(self, reader: SlideReader, level: int, tissue_level: int) -> _Slide:
         if not -len(reader.levels) <= level < len(reader.levels):
-            raise ConfigError(f"slide {reader.path.name} has {len(reader.levels)} level(s); level {level} does not exist")
+            raise ConfigError(f"slide {reader.path.name} has {len(reader.levels)} level(s); "
+                              f"level {level} does not exist")
         lh, lw = reader.levels[level].shape
         if lh < self.patch_size[0] or lw < self.patch_size[1]:
-            raise DataError(f"slide {reader.path.name}: level {level} ({lh}×{lw}) is smaller than the patch size {self.patch_size}")
+            raise DataError(f"slide {reader.path.name}: level {level} ({lh}×{lw}) is smaller than "
+                            f"the patch size {self.patch_size}")
         mask = tissue_mask(reader, tissue_level)
         tissue = np.argwhere(mask)
         if len(tissue) == 0: raise DataError(f"slide {reader.path}: no tissue found (blank slide?)")
@@ -205,67 +217,57 @@ class CachedPatchDataset(IterableDataset):
 
     def __len__(self) -> int: return self.samples_per_epoch
     def set_epoch(self, epoch: int) -> None: self.epoch = int(epoch)
-    def __iter__(self) -> Iterator[dict]: return self._stream()  # defined below
 
-# %% ../nbs/12_slides.ipynb #e1087c50
-def _tissue_fraction(s: _Slide, y: int, x: int, h: int, w: int) -> float:
-    "Fraction of tissue in the box (y, x, h, w) of the slide's level, looked up in its tissue mask."
-    (sy, sx), m = s.scale, s.mask
-    y0, x0 = int(y / sy), int(x / sx)
-    y1, x1 = max(y0 + 1, math.ceil((y + h) / sy)), max(x0 + 1, math.ceil((x + w) / sx))
-    return float(m[y0:y1, x0:x1].mean())
+    def _load_region(self, sid: int, rng: np.random.Generator) -> dict:
+        "Read a region of slide `sid` centred on a random tissue pixel."
+        s = self.slides[sid]
+        lh, lw = s.reader.levels[s.level].shape
+        rh, rw = min(self.region_size[0], lh), min(self.region_size[1], lw)
+        cy, cx = (s.tissue[rng.integers(len(s.tissue))] + rng.random(2)) * s.scale
+        y, x = int(np.clip(cy - rh / 2, 0, lh - rh)), int(np.clip(cx - rw / 2, 0, lw - rw))
+        return {"slide": sid, "y": y, "x": x, "pixels": s.reader.read_region(s.level, y, x, rh, rw)}
 
-def _load_region(self: CachedPatchDataset, sid: int, rng: np.random.Generator) -> dict:
-    "Read a region of slide `sid` centred on a random tissue pixel."
-    s = self.slides[sid]
-    lh, lw = s.reader.levels[s.level].shape
-    rh, rw = min(self.region_size[0], lh), min(self.region_size[1], lw)
-    cy, cx = (s.tissue[rng.integers(len(s.tissue))] + rng.random(2)) * s.scale
-    y, x = int(np.clip(cy - rh / 2, 0, lh - rh)), int(np.clip(cx - rw / 2, 0, lw - rw))
-    return {"slide": sid, "y": y, "x": x, "pixels": s.reader.read_region(s.level, y, x, rh, rw)}
+    def _draw_patch(self, region: dict, rng: np.random.Generator, tries: int = 8) -> dict:
+        "A patch from a cached region with (if possible) at least `min_tissue` tissue."
+        s, (ph, pw) = self.slides[region["slide"]], self.patch_size
+        rh, rw = region["pixels"].shape[:2]
+        best = None
+        for _ in range(tries):
+            py, px = int(rng.integers(rh - ph + 1)), int(rng.integers(rw - pw + 1))
+            frac = _tissue_fraction(s, region["y"] + py, region["x"] + px, ph, pw)
+            if best is None or frac > best[0]: best = (frac, py, px)
+            if frac >= self.min_tissue: break
+        frac, py, px = best
+        pix = region["pixels"][py:py + ph, px:px + pw, :3]
+        sample = {"image": torch.from_numpy(np.ascontiguousarray(pix)).permute(2, 0, 1).float() / 255,
+                  "meta": {"slide": s.reader.path.name, "slide_index": region["slide"], "level": s.level,
+                           "y": region["y"] + py, "x": region["x"] + px, "tissue": frac,
+                           "region": (region["slide"], region["y"], region["x"])}}
+        if self.labels is not None: sample["label"] = int(self.labels[region["slide"]])
+        return sample
 
-def _draw_patch(self: CachedPatchDataset, region: dict, rng: np.random.Generator, tries: int = 8) -> dict:
-    "A patch from a cached region with (if possible) at least `min_tissue` tissue."
-    s, (ph, pw) = self.slides[region["slide"]], self.patch_size
-    rh, rw = region["pixels"].shape[:2]
-    best = None
-    for _ in range(tries):
-        py, px = int(rng.integers(rh - ph + 1)), int(rng.integers(rw - pw + 1))
-        frac = _tissue_fraction(s, region["y"] + py, region["x"] + px, ph, pw)
-        if best is None or frac > best[0]: best = (frac, py, px)
-        if frac >= self.min_tissue: break
-    frac, py, px = best
-    pix = region["pixels"][py:py + ph, px:px + pw, :3]
-    sample = {"image": torch.from_numpy(np.ascontiguousarray(pix)).permute(2, 0, 1).float() / 255,
-              "meta": {"slide": s.reader.path.name, "slide_index": region["slide"], "level": s.level,
-                       "y": region["y"] + py, "x": region["x"] + px, "tissue": frac,
-                       "region": (region["slide"], region["y"], region["x"])}}
-    if self.labels is not None: sample["label"] = int(self.labels[region["slide"]])
-    return sample
+    def __iter__(self) -> Iterator[dict]:
+        "This stream's patches of the current epoch."
+        stream, n_streams = _stream_shard()
+        n_sl = len(self.slides)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(n_sl)
+        mine = order[stream::n_streams].tolist() if n_sl >= n_streams else order.tolist()
+        q, r = divmod(self.samples_per_epoch, n_streams)
+        rng = np.random.default_rng([self.seed, self.epoch, stream, n_streams])
+        _reseed(self.transform, rng)
+        def visits():  # shuffled passes over this stream's slides, forever
+            while True: yield from rng.permutation(mine).tolist()
+        order, cache = visits(), deque()
+        for _ in range(self.cache_regions): cache.append(self._load_region(next(order), rng))
+        for draw in range(q + (stream < r)):
+            if draw and self.refresh_every and draw % self.refresh_every == 0:
+                cache.popleft(); cache.append(self._load_region(next(order), rng))
+            sample = self._draw_patch(cache[int(rng.integers(len(cache)))], rng)
+            sample["meta"].update(stream=stream, draw=draw)
+            if self.transform is None: yield sample  # valid by construction; checking costs more than drawing
+            else: yield check_sample(self.transform(sample), f"augmented patch of {sample['meta']['slide']}")
 
-CachedPatchDataset._load_region, CachedPatchDataset._draw_patch = _load_region, _draw_patch
+    def __repr__(self):
+        return (f"CachedPatchDataset({len(self.slides)} slides, patch_size={self.patch_size}, "
+                f"cache_regions={self.cache_regions}, region_size={self.region_size})")
 
-# %% ../nbs/12_slides.ipynb #cb24c785
-def _patch_stream(self: CachedPatchDataset) -> Iterator[dict]:
-    stream, n_streams = _stream_shard()
-    n_sl = len(self.slides)
-    order = np.random.default_rng([self.seed, self.epoch]).permutation(n_sl)
-    mine = order[stream::n_streams].tolist() if n_sl >= n_streams else order.tolist()
-    q, r = divmod(self.samples_per_epoch, n_streams)
-    rng = np.random.default_rng([self.seed, self.epoch, stream, n_streams])
-    _reseed(self.transform, rng)
-    def visits():  # shuffled passes over this stream's slides, forever
-        while True: yield from rng.permutation(mine).tolist()
-    order, cache = visits(), deque()
-    for _ in range(self.cache_regions): cache.append(self._load_region(next(order), rng))
-    for draw in range(q + (stream < r)):
-        if draw and self.refresh_every and draw % self.refresh_every == 0:
-            cache.popleft(); cache.append(self._load_region(next(order), rng))
-        sample = self._draw_patch(cache[int(rng.integers(len(cache)))], rng)
-        sample["meta"].update(stream=stream, draw=draw)
-        if self.transform is None: yield sample  # valid by construction; checking costs more than drawing
-        else: yield check_sample(self.transform(sample), f"augmented patch of {sample['meta']['slide']}")
-
-CachedPatchDataset._stream = _patch_stream
-CachedPatchDataset.__repr__ = lambda self: (f"CachedPatchDataset({len(self.slides)} slides, patch_size={self.patch_size}, "
-                                            f"cache_regions={self.cache_regions}, region_size={self.region_size})")

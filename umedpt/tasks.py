@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 import torch
 from torch import nn, Tensor
-from .core import ConfigError, InputError
+from .core import ConfigError, InputError, train_steps
 from .losses import (ClassificationHead, ClassificationLoss, MultiLabelHead, MultiLabelLoss,
                            SegmentationHead, SegmentationLoss)
 from .fcos import FCOSHead, FCOSLoss, FCOSOutput, decode_detections
@@ -29,11 +29,14 @@ class Task(nn.Module):
                  classes: Sequence[str],  # class names (segmentation: background first)
                 ):
         super().__init__()
-        if not isinstance(name, str) or not name.strip(): raise ConfigError(f"a task needs a non-empty name, got {name!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"a task needs a non-empty name, got {name!r}")
         classes = [str(c) for c in classes]
         if len(classes) < self.min_classes:
-            raise ConfigError(f"task {name!r}: a {self.label_type} task needs at least {self.min_classes} classes, got {classes}")
-        if len(set(classes)) != len(classes): raise ConfigError(f"task {name!r}: class names must be unique, got {classes}")
+            raise ConfigError(f"task {name!r}: a {self.label_type} task needs at least {self.min_classes} classes, "
+                              f"got {classes}")
+        if len(set(classes)) != len(classes):
+            raise ConfigError(f"task {name!r}: class names must be unique, got {classes}")
         self.name, self.classes = name, classes
 
     @property
@@ -41,10 +44,37 @@ class Task(nn.Module):
 
     def extra_repr(self) -> str: return f"name={self.name!r}, classes={self.classes}"
 
+    hooks = ("forward", "loss_from", "predict", "accumulate", "summarise")  # what a subclass implements
+
+    def _missing(self, hook: str):
+        raise NotImplementedError(f"{type(self).__name__} (task {getattr(self, 'name', '?')!r}) does not implement "
+                                  f"the hook `{hook}`; a Task subclass must define {', '.join(self.hooks)}")
+
+    def forward(self, batch: dict, blocks: nn.Module):
+        "Hook: the head's raw output for `batch` (e.g. logits B×C), computed from the features of `blocks`."
+        self._missing("forward")
+
+    def loss_from(self, output, batch: dict) -> Tensor:
+        "Hook: the scalar normalised loss (≈ 1 at initialisation) of `forward`'s `output` against `batch`'s targets."
+        self._missing("loss_from")
+
+    def predict(self, batch: dict, blocks: nn.Module):
+        "Hook: predictions for `batch` (probabilities, class maps, boxes, ...), in the form `accumulate` reads."
+        self._missing("predict")
+
+    def accumulate(self, state, predictions, batch: dict):
+        "Hook: the evaluation state after one more batch (`state` is None for the first) from `predict`'s output."
+        self._missing("accumulate")
+
+    def summarise(self, state) -> dict[str, float]:
+        "Hook: metric name -> value, from the state `accumulate` built over the whole evaluation loader."
+        self._missing("summarise")
+
     def images(self, batch: dict, blocks: nn.Module) -> Tensor:
         "The batch's images on the blocks' device."
         x = batch["image"]
-        if not isinstance(x, Tensor) or x.ndim != 4: raise InputError(f"task {self.name!r}: batch['image'] must be B×C×H×W")
+        if not isinstance(x, Tensor) or x.ndim != 4:
+            raise InputError(f"task {self.name!r}: batch['image'] must be B×C×H×W")
         return x.to(next(blocks.parameters()).device, non_blocking=True)
 
     def compute_loss(self, batch: dict, blocks: nn.Module) -> Tensor:
@@ -159,14 +189,14 @@ class SegmentationTask(Task):
 
 # %% ../nbs/08_tasks.ipynb #6f74d5c3
 class DetectionTask(Task):
-    "FCOS object detection: FPN → per-task towers + the shared centerness branch → normalised FCOS loss."
+    "FCOS object detection: FPN → per-task head convs + the shared centerness branch → the paper's FCOS loss."
     label_type, min_classes = "detection", 1
 
     def __init__(self, name: str, classes: Sequence[str],  # object classes (no background)
                  in_channels: int,  # FPN channels, `BlocksConfig.fpn_channels`
                  strides: Sequence[int] = (8, 16, 32, 64, 128),  # FPN strides, `SharedBlocks.fpn.strides`
                  score_thresh: float = 0.05,  # minimum detection score when predicting
-                 num_convs: int = 2,  # 3×3 conv layers in each tower of the head (0: a linear head, the frozen-setting probe)
+                 num_convs: int = 0,  # 3×3 convs in a tower before each head conv (0: the paper's head)
                  **loss_options,  # passed to `FCOSLoss` (size_ranges, center_radius, ...)
                 ):
         super().__init__(name, classes)
@@ -212,7 +242,8 @@ def create_task(
     **options,  # passed to the task class
 ) -> Task:
     "A task of `label_type` whose head fits `blocks`."
-    if label_type not in TASK_TYPES: raise ConfigError(f"unknown label type {label_type!r}; choose one of {', '.join(TASK_TYPES)}")
+    if label_type not in TASK_TYPES:
+        raise ConfigError(f"unknown label type {label_type!r}; choose one of {', '.join(TASK_TYPES)}")
     cls = TASK_TYPES[label_type]
     if cls in (ClassificationTask, MultiLabelTask): return cls(name, classes, blocks.embed_dim, **options)
     if cls is SegmentationTask: return cls(name, classes, blocks.config.pixel_channels, **options)
@@ -224,16 +255,14 @@ def overfit(task: Task, blocks: nn.Module, batch: dict, steps: int, lr: float = 
            ):
     "Train `blocks` and `task` on one batch; a DataFrame of loss and metrics every 10 steps (a sanity check)."
     import pandas as pd
-    params = list(blocks.parameters()) + list(task.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rows = []
-    for step in range(1, steps + 1):
-        blocks.train(); task.train()
-        loss = task.compute_loss(batch, blocks)
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        if step % 10 == 0 or step == steps:
-            rows.append({"step": step, "loss": loss.item(), **task.evaluate([batch], blocks)})
-            if goal and rows[-1][goal[0]] >= goal[1]: break
+    def record(step: int, loss: float) -> bool:  # after each step: evaluate every 10 steps and at the end
+        if step % 10 and step != steps: return False
+        rows.append({"step": step, "loss": loss, **task.evaluate([batch], blocks)})
+        return bool(goal) and rows[-1][goal[0]] >= goal[1]
+    blocks.train(); task.train()
+    train_steps(list(blocks.parameters()) + list(task.parameters()), lambda b: task.compute_loss(b, blocks), [batch],
+                steps, lr=lr, on_step=record, what=f"overfit ({task.name})")
     return pd.DataFrame(rows)
 
 def balanced_shapes_batch(label_type: str, n: int = 8, size=64, seed: int = 1, **options) -> dict:

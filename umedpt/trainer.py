@@ -4,8 +4,8 @@
 
 # %% ../nbs/20_trainer.ipynb #6d035554
 from __future__ import annotations
-import csv, math, os, random, tempfile, time
-from collections.abc import Callable, Iterable
+import csv, logging, math, random, time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 import numpy as np
@@ -14,19 +14,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
-from .core import ConfigError, TrainingError, pick_device
+from .core import ConfigError, TrainingError, atomic_write, pick_device, to_device
+from .sampler import LOAD_ERRORS
 
 # %% auto #0
-__all__ = ['LOSS_COLUMNS', 'METRIC_COLUMNS', 'CHECKPOINT', 'MultiTaskModel', 'WarmupCosine', 'atomic_save', 'rng_state',
-           'set_rng_state', 'CsvLog', 'to_device', 'Trainer', 'save_checkpoint', 'load_checkpoint', 'evaluate', 'fit',
-           'plot_losses']
+__all__ = ['LOSS_COLUMNS', 'METRIC_COLUMNS', 'CHECKPOINT', 'BAD_BATCH_POLICIES', 'PRECISIONS', 'MultiTaskModel', 'WarmupCosine',
+           'rng_state', 'set_rng_state', 'CsvLog', 'Trainer', 'plot_losses']
 
 # %% ../nbs/20_trainer.ipynb #6741b4c6
 class MultiTaskModel(nn.Module):
     "Shared blocks plus every task (with its head); `forward(task_name, batch)` returns that task's loss."
     def __init__(self,
                  blocks: nn.Module,  # the shared blocks (encoder, decoders, ...)
-                 tasks: dict[str, nn.Module] | Iterable[nn.Module],  # tasks with `.name` and `compute_loss(batch, blocks)`
+                 # tasks with `.name` and `compute_loss(batch, blocks)`
+                 tasks: dict[str, nn.Module] | Iterable[nn.Module],
                 ):
         super().__init__()
         tasks = dict(tasks) if isinstance(tasks, dict) else {getattr(t, "name", None): t for t in tasks}
@@ -39,15 +40,17 @@ class MultiTaskModel(nn.Module):
         self.blocks, self.tasks = blocks, nn.ModuleDict(tasks)
 
     def forward(self, task_name: str, batch: dict) -> torch.Tensor:
-        if task_name not in self.tasks: raise ConfigError(f"the sampler yielded task {task_name!r}, which the trainer does not have; "
-                                                          f"known: {', '.join(self.tasks)}")
+        if task_name not in self.tasks:
+            raise ConfigError(f"the sampler yielded task {task_name!r}, which the trainer does not have; "
+                              f"known: {', '.join(self.tasks)}")
         return self.tasks[task_name].compute_loss(batch, self.blocks)
 
 # %% ../nbs/20_trainer.ipynb #0a6782f0
 class WarmupCosine:
     "Multiplier of the base learning rate at update `step`: linear warm-up, then cosine decay to `min_ratio`."
     def __init__(self, warmup: int, total: int, min_ratio: float = 0.0, cosine: bool = True):
-        if warmup < 0 or total <= 0: raise ConfigError(f"need warmup >= 0 and total > 0 steps, got warmup={warmup}, total={total}")
+        if warmup < 0 or total <= 0:
+            raise ConfigError(f"need warmup >= 0 and total > 0 steps, got warmup={warmup}, total={total}")
         self.warmup, self.total, self.min_ratio, self.cosine = int(warmup), int(total), float(min_ratio), cosine
     def __call__(self, step: int) -> float:
         if step < self.warmup: return (step + 1) / self.warmup
@@ -56,26 +59,11 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 # %% ../nbs/20_trainer.ipynb #d3e3ddea
-def atomic_save(obj, path: str | Path) -> Path:
-    "`torch.save` to a temporary file next to `path`, fsync, then atomically replace `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try: os.fsync(dfd)
-        finally: os.close(dfd)
-    return path
-
 def rng_state() -> dict:
     "The states of Python's, NumPy's, PyTorch's and CUDA's global generators, as weights-only-loadable values."
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    return {"python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 def set_rng_state(state: dict) -> None:
@@ -108,32 +96,29 @@ class CsvLog:
         if not self.path.exists(): return
         with open(self.path, newline="") as f: rows = list(csv.reader(f))
         keep = [r for r in rows[1:] if len(r) == len(self.columns) and r[0].isdigit() and int(r[0]) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f: csv.writer(f).writerows([self.columns, *keep])
-        os.replace(tmp, self.path)
+        with atomic_write(self.path) as tmp, open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([self.columns, *keep])
 
     def frame(self) -> pd.DataFrame:
         if self.path is None: return pd.DataFrame(self._rows, columns=self.columns)
         return pd.read_csv(self.path) if self.path.exists() else pd.DataFrame(columns=self.columns)
 
 # %% ../nbs/20_trainer.ipynb #eaeefc17
-def to_device(batch, device: torch.device):
-    "Move every tensor in a (nested) batch to `device`."
-    if isinstance(batch, torch.Tensor): return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict): return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)): return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
 LOSS_COLUMNS = ["step", "task", "loss", "lr", "seconds"]
 METRIC_COLUMNS = ["step", "task", "metric", "value"]
 CHECKPOINT = "checkpoint.pt"
+BAD_BATCH_POLICIES = ("raise", "skip")  # what `Trainer(on_bad_batch=...)` does with a batch that fails to load
+PRECISIONS = ("auto", "bf16", "fp32")  # `Trainer(precision=...)`: autocast dtype of the forward passes
+_MAX_BAD_IN_A_ROW = 100  # so many failed batches in a row stop training even with "skip" (the data is gone)
+_log = logging.getLogger("umedpt.trainer")
+
 
 # %% ../nbs/20_trainer.ipynb #1dde73a3
 class Trainer:
-    "Multi-task training by gradient accumulation across tasks (paper, Algorithm 1), with resumable checkpoints and logs."
+    "Multi-task training by gradient accumulation across tasks (paper, Algorithm 1), with resumable checkpoints."
     def __init__(self,
                  blocks: nn.Module,  # shared blocks, handed to every task's compute_loss
-                 tasks: dict[str, nn.Module] | Iterable[nn.Module],  # tasks with `.name`, `compute_loss`, optionally `evaluate`
+                 tasks: dict[str, nn.Module] | Iterable[nn.Module],  # tasks with `.name`, `compute_loss`, `evaluate`
                  sampler: Iterable,  # endless (task_name, batch) pairs, e.g. a `TaskSampler`
                  lr: float = 1e-3,  # AdamW learning rate (paper: 1e-3)
                  weight_decay: float = 0.05,  # AdamW weight decay (paper: 0.05)
@@ -144,165 +129,195 @@ class Trainer:
                  clip_grad_norm: float | None = None,  # clip the accumulated gradient to this norm
                  is_update_step: Callable[[int], bool] | None = None,  # item index -> make an update after it?
                  device: str | torch.device | None = None,  # default: `pick_device()` (cuda > mps > cpu)
-                 bf16: bool = True,  # bf16 autocast on CUDA (ignored elsewhere)
+                 precision: str = "auto",  # "auto": bf16 autocast on CUDA, fp32 elsewhere; "bf16" (any device); "fp32"
+                 channels_last: bool = False,  # channels-last memory format for the model and the images
                  out_dir: str | Path | None = None,  # where checkpoint.pt, losses.csv and metrics.csv go
                  checkpoint_every: int = 0,  # checkpoint every so many updates (0: only at the end of fit)
                  val_loaders: dict[str, Iterable] | None = None,  # task name -> validation loader
                  eval_every: int = 0,  # validate every so many updates (0: never)
                  progress: bool = True,  # show a tqdm bar with per-task running losses
+                 on_bad_batch: str = "raise",  # a batch that fails to load: "raise" stops, "skip" logs it, goes on
                 ):
-        if schedule not in ("cosine", "constant"): raise ConfigError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
-        if lr <= 0 or weight_decay < 0: raise ConfigError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+        if schedule not in ("cosine", "constant"):
+            raise ConfigError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+        if lr <= 0 or weight_decay < 0:
+            raise ConfigError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
+        if on_bad_batch not in BAD_BATCH_POLICIES:
+            raise ConfigError(f"on_bad_batch must be one of {', '.join(BAD_BATCH_POLICIES)}, got {on_bad_batch!r}")
         self.device = pick_device(device)
         self.model = MultiTaskModel(blocks, tasks).to(self.device)
         self.sampler, self.names = sampler, list(self.model.tasks)
-        unknown = set(getattr(sampler, "names", [])) - set(self.names)
-        if unknown: raise ConfigError(f"the sampler has tasks {sorted(unknown)} that are not among the trainer's tasks {self.names}")
-        unknown = set(val_loaders or {}) - set(self.names)
-        if unknown: raise ConfigError(f"val_loaders has tasks {sorted(unknown)} that are not among the trainer's tasks {self.names}")
+        for what, names in (("the sampler", getattr(sampler, "names", [])), ("val_loaders", val_loaders or {})):
+            if unknown := set(names) - set(self.names):
+                raise ConfigError(f"{what} has tasks {sorted(unknown)} that are not among "
+                                  f"the trainer's tasks {self.names}")
         round_size = getattr(sampler, "round_size", len(self.names))
         self.is_update_step = is_update_step or (lambda item: (item + 1) % round_size == 0)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         self.scheduler, self._schedule = None, (warmup_steps, total_steps, min_lr_ratio, schedule == "cosine")
-        self.clip_grad_norm, self.bf16, self.progress = clip_grad_norm, bf16, progress
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.clip_grad_norm, self.progress, self.on_bad_batch = clip_grad_norm, progress, on_bad_batch
+        self.precision, self.channels_last = precision, channels_last
+        if channels_last: self.model.to(memory_format=torch.channels_last)
         self.val_loaders, self.eval_every, self.checkpoint_every = dict(val_loaders or {}), eval_every, checkpoint_every
-        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        ddp = dist.is_available() and dist.is_initialized()
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
         self.ddp = self._wrap_ddp() if self.world_size > 1 else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if self.out_dir is not None and self.rank == 0: self.out_dir.mkdir(parents=True, exist_ok=True)
         logs = self.out_dir if self.rank == 0 else None
         self.losses = CsvLog(logs / "losses.csv" if logs else None, LOSS_COLUMNS)
         self.metrics = CsvLog(logs / "metrics.csv" if logs else None, METRIC_COLUMNS)
-        self.step = self.item = self.start_step = 0
+        self.step = self.item = self.start_step = self.skipped_batches = 0
 
     @property
     def checkpoint_path(self) -> Path | None: return self.out_dir / CHECKPOINT if self.out_dir is not None else None
     @property
     def lr(self) -> float: return self.optimizer.param_groups[0]["lr"]
-    def __repr__(self): return f"Trainer({len(self.names)} tasks, step={self.step}, device={self.device}, world_size={self.world_size})"
+    def __repr__(self):
+        return f"Trainer({len(self.names)} tasks, step={self.step}, device={self.device}, world_size={self.world_size})"
 
-# %% ../nbs/20_trainer.ipynb #3eb90322
-def _wrap_ddp(self: Trainer) -> nn.parallel.DistributedDataParallel:
-    "The model wrapped for data parallelism (one process per device)."
-    ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] if self.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+    def _wrap_ddp(self) -> nn.parallel.DistributedDataParallel:
+        "The model wrapped for data parallelism (one process per device)."
+        cuda = self.device.type == "cuda"
+        ids = [torch.cuda.current_device() if self.device.index is None else self.device.index] if cuda else None
+        return nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
 
-def _ensure_scheduler(self: Trainer, steps: int) -> None:
-    "Build the learning-rate scheduler (once); its cosine horizon is `total_steps` or the first fit's `steps`."
-    if self.scheduler is not None: return
-    warmup, total, min_ratio, cosine = self._schedule
-    lam = WarmupCosine(warmup, total or steps, min_ratio, cosine)
-    self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
+    def _ensure_scheduler(self, steps: int) -> None:
+        "Build the learning-rate scheduler (once); its cosine horizon is `total_steps` or the first fit's `steps`."
+        if self.scheduler is not None: return
+        warmup, total, min_ratio, cosine = self._schedule
+        lam = WarmupCosine(warmup, total or steps, min_ratio, cosine)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
 
-Trainer._wrap_ddp, Trainer._ensure_scheduler = _wrap_ddp, _ensure_scheduler
+    def save_checkpoint(self, path: str | Path | None = None) -> Path | None:
+        "Write the training state atomically (rank 0 only); default path `out_dir/checkpoint.pt`."
+        path = path or self.checkpoint_path
+        if path is None: raise ConfigError("save_checkpoint needs a path, or an out_dir given to the Trainer")
+        if self.rank != 0: return None
+        state = {"format": "umedpt-trainer-1", "step": self.step, "item": self.item, "tasks": self.names,
+                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                 "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
+                 "rng": rng_state(), "skipped_batches": self.skipped_batches}
+        with atomic_write(path) as tmp: torch.save(state, tmp)
+        return Path(path)
 
-# %% ../nbs/20_trainer.ipynb #a235cde0
-def save_checkpoint(self: Trainer, path: str | Path | None = None) -> Path | None:
-    "Write the training state atomically (rank 0 only); default path `out_dir/checkpoint.pt`."
-    path = path or self.checkpoint_path
-    if path is None: raise ConfigError("save_checkpoint needs a path, or an out_dir given to the Trainer")
-    if self.rank != 0: return None
-    state = {"format": "umedpt-trainer-1", "step": self.step, "item": self.item, "tasks": self.names,
-             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-             "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None, "rng": rng_state()}
-    return atomic_save(state, path)
+    def load_checkpoint(self, path: str | Path) -> None:
+        "Restore the training state saved by `save_checkpoint` (the scheduler must exist: `fit` builds it first)."
+        try: state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e: raise TrainingError(f"cannot read checkpoint {path}: {e}") from None
+        if state.get("format") != "umedpt-trainer-1": raise TrainingError(f"{path} is not a umedpt trainer checkpoint")
+        if state["tasks"] != self.names:
+            raise ConfigError(f"checkpoint {path} is for tasks {state['tasks']}, this trainer has {self.names}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scheduler"] is not None and self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state["sampler"] is not None and hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.step, self.item = int(state["step"]), int(state["item"])
+        self.skipped_batches = int(state.get("skipped_batches", 0))
+        self.losses.truncate(self.step); self.metrics.truncate(self.step)
 
-def load_checkpoint(self: Trainer, path: str | Path) -> None:
-    "Restore the training state saved by `save_checkpoint` (the scheduler must exist: `fit` builds it first)."
-    try: state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e: raise TrainingError(f"cannot read checkpoint {path}: {e}") from None
-    if state.get("format") != "umedpt-trainer-1": raise TrainingError(f"{path} is not a umedpt trainer checkpoint")
-    if state["tasks"] != self.names: raise ConfigError(f"checkpoint {path} is for tasks {state['tasks']}, this trainer has {self.names}")
-    self.model.load_state_dict(state["model"])
-    self.optimizer.load_state_dict(state["optimizer"])
-    if state["scheduler"] is not None and self.scheduler is not None: self.scheduler.load_state_dict(state["scheduler"])
-    if state["sampler"] is not None and hasattr(self.sampler, "load_state_dict"): self.sampler.load_state_dict(state["sampler"])
-    set_rng_state(state["rng"])
-    self.step, self.item = int(state["step"]), int(state["item"])
-    self.losses.truncate(self.step); self.metrics.truncate(self.step)
+    def _train_item(self, name: str, batch) -> float:
+        "Forward and backward one task's batch; gradients accumulate. Returns the loss."
+        batch = to_device(batch, self.device)
+        sync = self.ddp is None or self.is_update_step(self.item)
+        if self.channels_last and isinstance(batch, dict) and getattr(batch.get("image"), "ndim", 0) == 4:
+            batch = {**batch, "image": batch["image"].contiguous(memory_format=torch.channels_last)}
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and self.device.type == "cuda")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        with (nullcontext() if sync else self.ddp.no_sync()):
+            with autocast: loss = (self.ddp or self.model)(name, batch)
+            if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+                raise TrainingError(f"task {name!r}: compute_loss must return a scalar tensor, "
+                                    f"got {getattr(loss, 'shape', type(loss))}")
+            value = loss.detach().float().item()
+            if not math.isfinite(value):
+                raise TrainingError(f"task {name!r} gave a non-finite loss ({value}) at step {self.step + 1} "
+                                    f"(item {self.item}); the last checkpoint is the state to resume from")
+            loss.backward()
+        return value
 
-Trainer.save_checkpoint, Trainer.load_checkpoint = save_checkpoint, load_checkpoint
+    def _update(self) -> None:
+        "One optimiser update from the accumulated gradients."
+        if self.clip_grad_norm:
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+            if not torch.isfinite(norm):
+                raise TrainingError(f"non-finite gradient norm ({norm.item()}) at step {self.step + 1}")
+        self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
 
-# %% ../nbs/20_trainer.ipynb #05613965
-def _train_item(self: Trainer, name: str, batch) -> float:
-    "Forward and backward one task's batch; gradients accumulate. Returns the loss."
-    batch = to_device(batch, self.device)
-    sync = self.ddp is None or self.is_update_step(self.item)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 and self.device.type == "cuda" else nullcontext()
-    with (nullcontext() if sync else self.ddp.no_sync()):
-        with autocast: loss = (self.ddp or self.model)(name, batch)
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            raise TrainingError(f"task {name!r}: compute_loss must return a scalar tensor, got {getattr(loss, 'shape', type(loss))}")
-        value = loss.detach().float().item()
-        if not math.isfinite(value):
-            raise TrainingError(f"task {name!r} gave a non-finite loss ({value}) at step {self.step + 1} "
-                                f"(item {self.item}); the last checkpoint is the state to resume from")
-        loss.backward()
-    return value
+    def _next_batch(self, items: Iterator) -> tuple[str, object]:
+        "The sampler's next `(task, batch)`; with `on_bad_batch='skip'` a batch that fails to load is logged, skipped."
+        for in_a_row in range(1, _MAX_BAD_IN_A_ROW + 1):
+            try: return next(items)
+            except LOAD_ERRORS as e:
+                if self.on_bad_batch == "raise": raise
+                if in_a_row == _MAX_BAD_IN_A_ROW:
+                    raise TrainingError(f"{in_a_row} batches in a row failed to load (the last of task "
+                                        f"{getattr(e, 'task', '?')!r}: {e}); is the data still there?") from e
+                self.skipped_batches += 1
+                _log.warning("skipped a batch of task %r at step %d (%d skipped so far): %s: %s",
+                             getattr(e, "task", "?"), self.step + 1, self.skipped_batches, type(e).__name__, e)
 
-def _update(self: Trainer) -> None:
-    "One optimiser update from the accumulated gradients."
-    if self.clip_grad_norm:
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
-        if not torch.isfinite(norm): raise TrainingError(f"non-finite gradient norm ({norm.item()}) at step {self.step + 1}")
-    self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
-    self.step += 1
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        "Validation metrics of every task with a validation loader and an `evaluate` method; logged to metrics.csv."
+        if self.rank != 0: return {}
+        results = {}
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for name, loader in self.val_loaders.items():
+                    task = self.model.tasks[name]
+                    if not callable(getattr(task, "evaluate", None)): continue
+                    results[name] = {k: float(v) for k, v in task.evaluate(loader, self.model.blocks).items()}
+        finally: self.model.train()
+        self.metrics.append([{"step": self.step, "task": t, "metric": k, "value": v}
+                             for t, m in results.items() for k, v in m.items()])
+        return results
 
-Trainer._train_item, Trainer._update = _train_item, _update
-
-# %% ../nbs/20_trainer.ipynb #78c083db
-def evaluate(self: Trainer) -> dict[str, dict[str, float]]:
-    "Validation metrics of every task that has a validation loader and an `evaluate` method; logged to metrics.csv."
-    if self.rank != 0: return {}
-    results = {}
-    self.model.eval()
-    try:
-        with torch.no_grad():
-            for name, loader in self.val_loaders.items():
-                task = self.model.tasks[name]
-                if callable(getattr(task, "evaluate", None)): results[name] = {k: float(v) for k, v in task.evaluate(loader, self.model.blocks).items()}
-    finally: self.model.train()
-    self.metrics.append([{"step": self.step, "task": t, "metric": k, "value": v} for t, m in results.items() for k, v in m.items()])
-    return results
-
-Trainer.evaluate = evaluate
-
-# %% ../nbs/20_trainer.ipynb #5da550e8
-def fit(self: Trainer,
-        steps: int,  # train until this many updates have been made in total
-        resume: bool | str | Path | None = None,  # True: continue from out_dir/checkpoint.pt if present; or a checkpoint path
-       ) -> Trainer:
-    "Train by gradient accumulation across tasks until `steps` updates; returns the trainer."
-    if not isinstance(steps, int) or steps < 0: raise ConfigError(f"steps must be a non-negative integer, got {steps!r}")
-    self._ensure_scheduler(steps)
-    if resume is True and self.out_dir is None: raise ConfigError("resume=True needs the out_dir the checkpoint was written to")
-    path = self.checkpoint_path if resume is True else resume
-    if path and Path(path).exists(): self.load_checkpoint(path)
-    elif resume not in (None, False, True): raise ConfigError(f"resume: checkpoint {path} does not exist")
-    self.start_step = self.step  # where this fit began: 0, or the step of the checkpoint it resumed
-    self.model.train()
-    bar = tqdm(total=steps, initial=self.step, disable=not self.progress or self.rank != 0, desc="training")
-    running, rows, items = {}, [], iter(self.sampler)
-    try:
-        while self.step < steps:
-            name, batch = next(items)
-            start, lr = time.perf_counter(), self.lr
-            loss = self._train_item(name, batch)
-            rows.append({"step": self.step + 1, "task": name, "loss": loss, "lr": lr, "seconds": time.perf_counter() - start})
-            running[name] = loss if name not in running else 0.9 * running[name] + 0.1 * loss
-            update, self.item = self.is_update_step(self.item), self.item + 1
-            if not update: continue
-            self._update()
-            self.losses.append(rows); rows = []
-            bar.update(1); bar.set_postfix({k[:12]: f"{v:.3f}" for k, v in running.items()}, refresh=False)
-            if self.eval_every and self.step % self.eval_every == 0: self.evaluate()
-            if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self.out_dir: self.save_checkpoint()
-    finally: bar.close()
-    if self.out_dir is not None and not (self.checkpoint_every and self.step % self.checkpoint_every == 0): self.save_checkpoint()
-    return self
-
-Trainer.fit = fit
+    def fit(self,
+            steps: int,  # train until this many updates have been made in total
+            resume: bool | str | Path | None = None,  # True: continue from out_dir/checkpoint.pt if any; or a path
+           ) -> Trainer:
+        "Train by gradient accumulation across tasks until `steps` updates; returns the trainer."
+        if not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"steps must be a non-negative integer, got {steps!r}")
+        self._ensure_scheduler(steps)
+        if resume is True and self.out_dir is None:
+            raise ConfigError("resume=True needs the out_dir the checkpoint was written to")
+        path = self.checkpoint_path if resume is True else resume
+        if path and Path(path).exists(): self.load_checkpoint(path)
+        elif resume not in (None, False, True): raise ConfigError(f"resume: checkpoint {path} does not exist")
+        self.start_step = self.step  # where this fit began: 0, or the step of the checkpoint it resumed
+        self.model.train()
+        bar = tqdm(total=steps, initial=self.step, disable=not self.progress or self.rank != 0, desc="training")
+        running, rows, items = {}, [], iter(self.sampler)
+        try:
+            while self.step < steps:
+                name, batch = self._next_batch(items)
+                start, lr = time.perf_counter(), self.lr
+                loss = self._train_item(name, batch)
+                rows.append({"step": self.step + 1, "task": name, "loss": loss, "lr": lr,
+                             "seconds": time.perf_counter() - start})
+                running[name] = loss if name not in running else 0.9 * running[name] + 0.1 * loss
+                update, self.item = self.is_update_step(self.item), self.item + 1
+                if not update: continue
+                self._update()
+                self.losses.append(rows); rows = []
+                bar.update(1); bar.set_postfix({k[:12]: f"{v:.3f}" for k, v in running.items()}, refresh=False)
+                if self.eval_every and self.step % self.eval_every == 0: self.evaluate()
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0 and self.out_dir:
+                    self.save_checkpoint()
+        finally: bar.close()
+        saved = self.checkpoint_every and self.step % self.checkpoint_every == 0
+        if self.out_dir is not None and not saved: self.save_checkpoint()
+        return self
 
 # %% ../nbs/20_trainer.ipynb #23b87a94
 def plot_losses(
@@ -316,7 +331,8 @@ def plot_losses(
     if ax is None: _, ax = plt.subplots(figsize=(6, 3.5))
     for i, (task, d) in enumerate(df.groupby("task", sort=False)):
         ax.plot(d["step"], d["loss"], color=f"C{i % 10}", alpha=0.25, lw=0.8)
-        ax.plot(d["step"], d["loss"].ewm(alpha=1 - smooth).mean() if smooth else d["loss"], color=f"C{i % 10}", lw=1.8, label=task)
+        ax.plot(d["step"], d["loss"].ewm(alpha=1 - smooth).mean() if smooth else d["loss"], color=f"C{i % 10}", lw=1.8,
+                label=task)
     ax.axhline(1.0, color="gray", ls=":", lw=0.8)
     ax.set(xlabel="update step", ylabel="normalised loss"); ax.legend(fontsize=8, ncol=2)
     return ax

@@ -1,0 +1,67 @@
+"""Building the book never dirties the tree: only the cpu profile writes the published chapters; other profiles go
+to _preview/ and the book is built from a staged source that shows them."""
+import importlib.util, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"tools/{name}.py")
+    module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+    return module
+
+runner, book_source = _load("run_experiments"), _load("book_source")
+
+
+def test_only_the_published_profile_writes_book_executed():
+    assert runner.executed_dir("cpu") == ROOT / "book/executed"
+    for profile in ("smoke", "gpu", "gpu-dry"): assert runner.executed_dir(profile) == ROOT / "_preview/executed"
+    assert "_preview/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_staged_source_shows_the_preview_chapters(tmp_path):
+    root = tmp_path / "repo"
+    for rel in ("book/executed/a.ipynb", "book/intro.md", "nbs/00_core.ipynb", "_toc.yml", "_config.yml"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True); (root / rel).write_text(rel)
+    preview = tmp_path / "preview"; preview.mkdir()
+    (preview / "a.ipynb").write_text("preview copy")
+    stage = book_source.stage(preview, tmp_path / "stage", root)
+    assert (stage / "book/executed/a.ipynb").read_text() == "preview copy"
+    assert (stage / "book/intro.md").read_text() == "book/intro.md" and (stage / "nbs/00_core.ipynb").is_file()
+    assert (root / "book/executed/a.ipynb").read_text() == "book/executed/a.ipynb"  # the tracked copy is untouched
+    with pytest.raises(SystemExit, match="no executed chapters"):
+        book_source.stage(tmp_path / "empty", tmp_path / "s2", root)
+
+
+def _status() -> str:
+    return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_a_smoke_run_leaves_git_status_unchanged():
+    if not (ROOT / ".git").exists(): pytest.skip("not a git checkout")
+    before = _status()
+    r = subprocess.run([sys.executable, "tools/run_experiments.py", "--profile", "smoke",
+                        "--only", "shapes_classifier"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert _status() == before, "a smoke run changed tracked or untracked files outside _preview/"
+    assert (ROOT / "_preview/executed/shapes_classifier.ipynb").is_file()
+
+
+def test_injected_parameters_are_collapsed(tmp_path):
+    import nbformat
+    cell = nbformat.v4.new_code_cell("profile = 'cpu'", metadata={"tags": ["injected-parameters"]})
+    path = tmp_path / "n.ipynb"; nbformat.write(nbformat.v4.new_notebook(cells=[cell]), path)
+    runner.hide_injected(path)
+    assert nbformat.read(path, as_version=4).cells[0].metadata["tags"] == ["injected-parameters", "hide-input"]
+
+
+def test_quickstart_page_runs():
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(ROOT / "book/quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("text/html" in o.get("data", {}) for o in outputs)  # the scores table
