@@ -167,3 +167,16 @@ def test_blocks_options():
     stem_norm = affine.encoder.body.bn1
     assert isinstance(stem_norm, SampleLayerNorm) and stem_norm.affine
     torch.testing.assert_close(stem_norm.weight.detach(), efficientnet_lite0_imagenet()["bn1.weight"])
+
+
+def test_shared_blocks_take_a_timm_swin_checkpoint(tmp_path):
+    "Swin-T ImageNet weights the user brings (timm's classification checkpoint) load before the norm swap."
+    import timm
+    from safetensors.torch import save_file
+    from umedpt.blocks import SharedBlocks
+    cls_model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
+    with torch.no_grad(): cls_model.layers[0].blocks[0].norm1.weight.fill_(0.37)
+    path = tmp_path / "swin_tiny_in1k.safetensors"
+    save_file({k: v.contiguous() for k, v in cls_model.state_dict().items()}, str(path))
+    blocks = SharedBlocks(encoder="swin_tiny_patch4_window7_224", pretrained=str(path), norm="affine")
+    assert torch.allclose(blocks.encoder.body.layers_0.blocks[0].norm1.weight, torch.full((96,), 0.37))

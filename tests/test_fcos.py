@@ -126,7 +126,7 @@ def test_bad_configuration_and_inputs():
 
 
 def test_overfit_two_images_through_shared_blocks():
-    "A short run on two images: the loss falls from ≈ 1 and the decoded boxes match the ground truth."
+    "A short run on two images: the loss falls from its start and the decoded boxes match the ground truth."
     from umedpt.blocks import SharedBlocks
     seed_everything(0)
     blocks, head, crit = SharedBlocks(encoder="efficientnet_lite0"), FCOSHead(64, 3), FCOSLoss(3)
@@ -138,7 +138,8 @@ def test_overfit_two_images_through_shared_blocks():
         loss = crit(head(blocks.fpn_features(b["image"]), blocks.centerness), b["boxes"], b["box_labels"],
                     b["image_size"])
         opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
-    assert 0.7 < losses[0] < 1.4 and losses[-1] < 0.5 * losses[0], losses[::10]
+    # the paper's sum cls/C + GIoU + ctr starts near 1.5-2 (FCOS page), not near 1
+    assert 1.2 < losses[0] < 2.6 and losses[-1] < 0.5 * losses[0], losses[::10]
     blocks.eval(); head.eval()
     with torch.no_grad():
         dets = decode_detections(head(blocks.fpn_features(b["image"]), blocks.centerness), b["image_size"])

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 from .core import ConfigError, InputError
-from .encoders import ENCODERS, Encoder, create_encoder, global_embedding, load_encoder_weights
+from .encoders import (ENCODERS, Encoder, create_encoder, global_embedding, is_timm_checkpoint,
+                             load_encoder_weights)
 from .norms import NORM_MODES, NormSwapReport, SampleLayerNorm, swap_norms
 
 # %% auto #0
@@ -139,7 +140,10 @@ class SharedBlocks(nn.Module):
                                       f"BlocksConfig has {', '.join(f.name for f in fields(BlocksConfig))}")
         self.config = config = replace(config, **overrides)
         path = config.pretrained if isinstance(config.pretrained, str) else None
-        self.encoder = create_encoder(config.encoder, pretrained=config.pretrained is True, in_chans=config.in_chans)
+        timm_file = path is not None and is_timm_checkpoint(path, config.encoder)  # e.g. Swin-T ImageNet weights
+        self.encoder = create_encoder(config.encoder, pretrained=path if timm_file else config.pretrained is True,
+                                      in_chans=config.in_chans)
+        if timm_file: path = None  # loaded by create_encoder, before the norm swap
         self.pixel_decoder = PixelDecoder(self.encoder.channels, config.pixel_channels)
         self.fpn = FPNDecoder(self.encoder.channels[-3:], config.fpn_channels)
         self.centerness = CenternessBranch(config.fpn_channels, config.centerness_convs)
