@@ -65,3 +65,25 @@ def test_quickstart_page_runs():
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("text/html" in o.get("data", {}) for o in outputs)  # the scores table
+
+
+def test_executed_copies_show_no_machine_paths(tmp_path):
+    import nbformat
+    root, data = tmp_path / "repo", tmp_path / "shared/data"
+    out = {"output_type": "stream", "name": "stdout",
+           "text": f"data under {data}\nweights {root}/book/weights/umedpt-cpu\nrun in {root}\n"}
+    cell = nbformat.v4.new_code_cell("print()", outputs=[nbformat.from_dict(out)])
+    path = tmp_path / "n.ipynb"; nbformat.write(nbformat.v4.new_notebook(cells=[cell]), path)
+    runner.relative_paths(path, root=root, data=str(data))
+    text = nbformat.read(path, as_version=4).cells[0].outputs[0].text
+    assert text == "data under $UMEDPT_DATA\nweights book/weights/umedpt-cpu\nrun in .\n"
+    assert str(tmp_path) not in path.read_text()
+
+
+def test_published_chapters_show_no_machine_paths():
+    import os
+    data = os.environ.get("UMEDPT_DATA")
+    machine = [str(ROOT), "/work/main", "/work/shared"] + ([str(Path(data).resolve())] if data else [])
+    for path in sorted((ROOT / "book/executed").glob("*.ipynb")):
+        text = path.read_text()
+        assert not [m for m in machine if m in text], f"{path.name} shows an absolute path of this machine"

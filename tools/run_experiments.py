@@ -6,7 +6,7 @@ profile writes to the git-ignored _preview/ (executed/ and data/), so building t
 One source notebook may run several times with different parameters (the benchmark, once per target task): each
 run writes its own executed copy, book/executed/<run name>.ipynb, and may give it its own page title.
 """
-import argparse, json, sys, time
+import argparse, json, os, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import nbformat
@@ -67,6 +67,15 @@ def set_title(path: Path, title: str) -> None:
                 lines[i] = f"# {title}"; cell.source = "\n".join(lines); nbformat.write(nb, path); return
     raise SystemExit(f"{path}: no '# ' heading to replace with the title {title!r}")
 
+def relative_paths(path: Path, root: Path = ROOT, data: str | None = None) -> None:
+    "Write an executed copy's paths of this machine relative to the project (`.`) or the data root (`$UMEDPT_DATA`)."
+    data = data if data is not None else os.environ.get("UMEDPT_DATA", "").strip()
+    pairs = [(str(Path(data).resolve()), "$UMEDPT_DATA")] if data else []
+    pairs += [(f"{root}/", ""), (str(root), ".")]  # warnings and tracebacks name files under the project too
+    text = path.read_text()
+    for machine, shown in pairs: text = text.replace(machine, shown)
+    path.write_text(text)
+
 def hide_injected(path: Path) -> None:
     "Collapse papermill's injected-parameters cell in the book (its values are shown in each chapter's settings)."
     nb = nbformat.read(path, as_version=4)
@@ -96,6 +105,7 @@ def execute(run: Run, profile: str, out_dir: Path, extra: dict | None = None) ->
                         kernel_name="python3", progress_bar=False, request_save_on_cell_execute=False)
     if run.title: set_title(out, run.title)
     hide_injected(out)
+    relative_paths(out)
     return out
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,7 +220,8 @@ def build_arm(
         raise ConfigError(f"arm {name!r} is not built in ({', '.join(BUILT_IN_ARMS)}): give it a source "
                           "(a save_pretrained folder, an encoder-only .safetensors file or SharedBlocks)")
     path = Path(source)
-    if path.is_file() and path.suffix == ".safetensors":
+    if path.is_file():  # encoder weights: ours (safetensors) or a timm ImageNet checkpoint
+        # (SharedBlocks tells them apart by their keys)
         return SharedBlocks(encoder=encoder, pretrained=str(path), norm="frozen").to(device).eval()
     published = isinstance(source, str) and "/" not in source and not path.exists()  # see `umedpt.weights.PUBLISHED`
     if not published: need_weights(path, name)
