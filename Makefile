@@ -55,6 +55,7 @@ test: $(STAMP)
 # and the book is built from a staged source that shows them, so `make book` never dirties the tree.
 book: $(STAMP) browser
 	$(PY) tools/run_experiments.py --profile $(PROFILE)
+	$(if $(filter cpu,$(PROFILE)),$(PY) tools/publish_weights.py,@true)  # the published results' weights ship
 	$(MAKE) html EXECUTED=$(if $(filter cpu,$(PROFILE)),,_preview/executed)
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_book_browser.py
 

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from scipy import stats
 from umedpt.core import ConfigError, DataError, TrainingError
-from umedpt.evaluation import (FRACTIONS, RESULT_COLUMNS, cached_features, compare_arms, extract_embeddings, fine_tune,
-                               fine_tune_task, fit_linear_probe, fit_probe, linear_probe_task, nested_subsets,
-                               paired_ttest, plot_scarcity, probe_benchmark, results_frame, table1_summary,
-                               task_results)
+from umedpt.evaluation import (FRACTIONS, PROBE_SOLVERS, RESULT_COLUMNS, cached_features, compare_arms,
+                               extract_embeddings, fine_tune, fine_tune_task, fit_linear_probe, fit_linear_probes,
+                               fit_probe, holm, linear_probe_task, nested_subsets, paired_ttest, plot_scarcity,
+                               probe_benchmark, relative_change, results_frame, table1_summary, task_results)
 
 
 # --- nested subsets -------------------------------------------------------------------------------------------------
@@ -131,6 +131,82 @@ def test_multilabel_probe_benchmark_uses_sigmoid():
     assert seen["p"].shape == (100, 3) and not np.allclose(seen["p"].sum(1), 1)  # independent sigmoids, not softmax
 
 
+def _head_equal(a: nn.Linear, b: nn.Linear) -> bool:
+    return torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_adamw_probe_is_seeded_learns_and_folds_the_standardisation():
+    X, y = _separable(240, k=4, d=12); Xt, yt = _separable(200, k=4, d=12, seed=1)
+    head = fit_linear_probe(X, y)
+    assert _head_equal(head, fit_linear_probe(X, y))  # deterministic for a seed
+    assert not _head_equal(head, fit_linear_probe(X, y, seed=1))  # another seed: another init and batch order
+    with torch.no_grad():
+        assert (head(torch.from_numpy(Xt)).argmax(1).numpy() == yt).mean() == 1.0  # a separable problem is learnt
+        # logits on raw features: a change of units (scale, shift) standardises away
+        shifted = fit_linear_probe(X * 100 + 7, y)(torch.from_numpy(Xt * 100 + 7))
+        torch.testing.assert_close(shifted, head(torch.from_numpy(Xt)), atol=1e-3, rtol=1e-4)
+    # the weight decay keeps the probe soft: its training loss stays clearly above zero on separable data
+    with torch.no_grad():
+        train_ce = nn.functional.cross_entropy(head(torch.from_numpy(X)), torch.from_numpy(y)).item()
+        lbfgs_ce = nn.functional.cross_entropy(fit_linear_probe(X, y, solver="lbfgs")(torch.from_numpy(X)),
+                                               torch.from_numpy(y)).item()
+    assert train_ce > 5 * lbfgs_ce, (train_ce, lbfgs_ce)
+
+
+def test_probe_epochs_and_batch_size_set_the_steps(monkeypatch):
+    import umedpt.evaluation as ev
+    seen = []
+    real = ev.train_steps
+    monkeypatch.setattr(ev, "train_steps", lambda opt, loss, batches, steps, **kw: seen.append(steps) or
+                        real(opt, loss, batches, steps, **kw))
+    X, y = _separable(50, k=2, d=4)
+    fit_linear_probe(X, y, epochs=3, batch_size=16)
+    fit_linear_probe(X, y, epochs=2, batch_size=128)  # at most N per batch: one full batch per epoch
+    assert seen == [3 * 4, 2 * 1]
+
+
+def test_fit_linear_probes_equals_one_probe_each():
+    X, y = _separable(90, k=3, d=6)
+    subsets = [np.arange(0, 60), np.arange(30, 90), np.arange(15, 75)]
+    together = fit_linear_probes([(X[i], y[i]) for i in subsets], [0, 1, 2])
+    for i, seed, head in zip(subsets, [0, 1, 2], together):
+        alone = fit_linear_probe(X[i], y[i], seed=seed)
+        torch.testing.assert_close(head.weight, alone.weight, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(head.bias, alone.bias, atol=1e-5, rtol=1e-4)
+    with pytest.raises(Exception, match="differ in size"):
+        fit_linear_probes([(X[:10], y[:10]), (X[:20], y[:20])], [0, 1])
+    with pytest.raises(ConfigError, match="one seed per problem"): fit_linear_probes([(X, y)], [0, 1])
+
+
+def test_probe_loss_is_the_tasks_normalised_losses():
+    from umedpt.evaluation import _probe_loss
+    from umedpt.losses import ClassificationLoss, MultiLabelLoss
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(3, 4, 8, generator=g), torch.randint(0, 4, (3, 8), generator=g)  # S×K×B, classes first
+    want = sum(ClassificationLoss(4)(logits[s].T, y[s]) for s in range(3))
+    torch.testing.assert_close(_probe_loss(logits, y), want)
+    ym = (torch.rand(3, 8, 4, generator=g) > 0.5).float(); ym[torch.rand(3, 8, 4, generator=g) < 0.3] = float("nan")
+    want = sum(MultiLabelLoss(4)(logits[s].T, ym[s]) for s in range(3))
+    torch.testing.assert_close(_probe_loss(logits, ym), want)
+
+
+def test_probe_solvers_and_bad_input():
+    X, y = _separable(60, k=3, d=5)
+    for solver in PROBE_SOLVERS:
+        with torch.no_grad(): head = fit_linear_probe(X, y, solver=solver)  # fits under no_grad too
+        assert (head(torch.from_numpy(X)).argmax(1).numpy() == y).mean() == 1.0
+    assert _head_equal(fit_linear_probe(X, y, solver="lbfgs", seed=0), fit_linear_probe(X, y, solver="lbfgs", seed=4))
+    for kw, msg in [(dict(solver="sgd"), "solver must be one of"), (dict(epochs=0), "epochs must be a positive"),
+                    (dict(epochs=2.5), "epochs must be a positive"), (dict(batch_size=0), "batch_size must be"),
+                    (dict(lr=-1.0), "lr > 0"), (dict(weight_decay=-0.1), "weight_decay >= 0"),
+                    (dict(seed=-2), "seed must be")]:
+        with pytest.raises(ConfigError, match=msg): fit_linear_probe(X, y, **kw)
+    with pytest.raises(Exception, match="nan or inf"): fit_linear_probe(np.full((4, 2), np.nan), np.arange(4) % 2)
+    with pytest.raises(Exception, match="at least two classes"): fit_linear_probe(X, np.zeros(60, int))
+    with pytest.raises(ConfigError, match="subsets' seeds"):
+        probe_benchmark(X, y, X, y, {(0, 1.0): np.arange(60)}, {}, task="t", arm="a", seed=3)
+
+
 # --- fine-tuning ----------------------------------------------------------------------------------------------------
 
 def test_fine_tune_learns_and_unfreezes():
@@ -147,6 +223,40 @@ def test_fine_tune_learns_and_unfreezes():
     assert len(losses) == 60 and np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8])
     assert not torch.equal(enc.weight, w0) and enc.weight.requires_grad
     assert not enc.training and not head.training
+
+
+def test_relative_change():
+    before = [torch.ones(3), torch.zeros(2)]
+    assert relative_change(before, [torch.full((3,), 2.0), torch.zeros(2)]) == pytest.approx(1.0)
+    assert relative_change(before, [t.clone() for t in before]) == 0.0
+    assert relative_change(before, [torch.ones(3), torch.tensor([3.0, 4.0])]) == pytest.approx(5 / math.sqrt(3))
+    with pytest.raises(ValueError): relative_change(before, [torch.ones(3)])  # not the same tensors
+
+
+def test_channels_last_matches_standard_layout(dense_blocks):
+    "Channels-last (the CPU default) gives the standard layout's numbers to float rounding, and restores the layout."
+    import copy
+    from umedpt.shapes import ShapesDataset
+    ds = ShapesDataset("classification", n=6, size=64, seed=3)
+    a = extract_embeddings(dense_blocks, ds, batch_size=3, channels_last=False)[0]
+    b = extract_embeddings(dense_blocks, ds, batch_size=3)[0]  # default on the CPU: channels-last
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+    batch = {"image": torch.stack([ds[i]["image"] for i in range(6)]),
+             "label": torch.tensor([ds[i]["label"] for i in range(6)])}
+    runs = {}
+    for cl in (False, True):
+        torch.manual_seed(0)
+        blocks, head = copy.deepcopy(dense_blocks), nn.Linear(dense_blocks.embed_dim, 3)
+        losses = fine_tune(blocks, head, lambda b_, h, x: h(b_.embed(x["image"])),
+                           lambda o, x: nn.functional.cross_entropy(o, x["label"]), [batch], steps=3, lr_encoder=1e-4,
+                           device="cpu", channels_last=cl)
+        runs[cl] = (losses, blocks)
+        assert all(p.is_contiguous() for p in blocks.parameters())  # the standard layout again
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-4)
+    change = [relative_change(list(dense_blocks.encoder.parameters()), list(runs[cl][1].encoder.parameters()))
+              for cl in (False, True)]
+    assert change[0] > 0 and change[1] == pytest.approx(change[0], rel=1e-2)
+    with pytest.raises(ConfigError, match="channels_last"): extract_embeddings(dense_blocks, ds, channels_last="yes")
 
 
 def test_fine_tune_bad_steps():
@@ -259,6 +369,31 @@ def test_compare_arms_not_significant_for_noise():
     assert cmp.p.item() > 0.05 and not cmp.significant.item()
 
 
+def test_holm_by_hand_and_nan():
+    # sorted 0.005, 0.01, 0.03, 0.04 (m = 4): 4·0.005, 3·0.01, 2·0.03, max(0.04, 0.06)
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, np.nan, 0.005]), [0.03, 0.06, 0.06, np.nan, 0.02])
+    assert holm([0.02]).tolist() == [0.02] and holm([0.4, 0.3]).tolist() == [0.6, 0.6]
+    assert np.isnan(holm([np.nan])).all() and len(holm([])) == 0
+    with pytest.raises(Exception, match=r"\[0, 1\]"): holm([-0.1])
+    with pytest.raises(Exception, match="1-d"): holm([[0.1, 0.2]])
+
+
+def test_compare_arms_holm_across_fractions_and_direction():
+    res = _table()
+    cmp = compare_arms(res, "auc", "frozen", reference="base")
+    for arm, g in cmp.groupby("arm"):
+        np.testing.assert_allclose(g.p_holm.values, holm(g.p.values))  # one family per arm: its three fractions
+    assert (cmp.p_holm >= cmp.p).all() and set(cmp.direction) == {"higher"}
+    assert set(compare_arms(res, "auc", "frozen", reference="new").direction) == {"lower"}
+    rng = np.random.default_rng(1)
+    noise = [dict(task="t", arm=arm, setting="frozen", fraction=f, seed=s, metric="acc", value=rng.normal(0.7, 0.05))
+             for f in (0.1, 1.0) for s in range(5) for arm in ("a", "b")]
+    assert set(compare_arms(results_frame(noise), "acc", "frozen").direction) == {"no difference"}
+    old = ["task", "fraction", "arm", "reference", "n", "mean", "sd", "mean_ref", "sd_ref", "diff", "t", "p",
+           "significant"]
+    assert list(cmp.columns) == old + ["p_holm", "direction"]  # the old columns stay, for current callers
+
+
 def test_table1_rules():
     res = _table()
     t1 = table1_summary(res, "auc", reference="base").set_index("arm")
@@ -343,8 +478,9 @@ def test_cached_features_leaves_only_the_cache_file(tmp_path):
 def test_all_holds_only_public_api():
     import umedpt.evaluation as ev
     assert not [n for n in ev.__all__ if n.startswith("_")]
-    public = {"nested_subsets", "extract_embeddings", "fit_linear_probe", "fine_tune", "linear_probe_task", "fit_probe",
-              "fine_tune_task", "task_results", "paired_ttest", "compare_arms", "table1_summary", "plot_scarcity",
-              "probe_benchmark", "results_frame", "cached_features"}
+    public = {"nested_subsets", "extract_embeddings", "fit_linear_probe", "fit_linear_probes", "fine_tune",
+              "linear_probe_task", "fit_probe", "fine_tune_task", "task_results", "paired_ttest", "compare_arms",
+              "table1_summary", "plot_scarcity", "probe_benchmark", "results_frame", "cached_features", "holm",
+              "relative_change", "PROBE_SOLVERS"}
     assert public <= set(ev.__all__)
     assert not any(hasattr(ev, n) for n in ("_cycle", "_schedule", "_to_device"))  # one loop: core.train_steps

@@ -58,18 +58,17 @@ def weights(tmp_path_factory) -> Path:
 
 def test_benchmark_runs_on_shapes_and_writes_the_table(tmp_path, weights):
     _run("benchmark", tmp_path, profile="smoke", task="breastmnist", arms=["imagenet", "umedpt"], weights=str(weights),
-         fractions=[0.5, 1.0], seeds=[0, 1], ft_fractions=[0.5], ft_seeds=[0, 1], ft_steps=1)
+         fractions=[0.5, 1.0], seeds=[0, 1], ft_fractions=[0.5], ft_seeds=[0, 1], ft_epochs=1)
     out = tmp_path / "_preview/data/benchmark/synthetic"  # only the cpu profile writes book/data
     df = pd.read_csv(out / "breastmnist.csv")
     assert list(df.columns) == ["task", "arm", "setting", "fraction", "seed", "metric", "value"]
     # synthetic results never mix with real ones
     assert not (tmp_path / "_preview/data/benchmark/breastmnist.csv").exists()
     assert not (tmp_path / "book/data").exists()  # a smoke run never rewrites the published tables
-    # frozen: 2 arms × 2 fractions × 2 seeds × 3 metrics; fine-tuned: 2 arms × 1 fraction × 2 seeds × 3 metrics
-    assert len(df[df.setting == "frozen"]) == 24 and len(df[df.setting == "finetune"]) == 12
-    assert df.value.between(0, 1).all() and set(df.metric) == {"macro_f1", "accuracy", "auroc"}
-    full = df[(df.setting == "frozen") & (df.fraction == 1.0)]
-    assert full.groupby(["arm", "metric"]).value.nunique().eq(1).all()  # 100 %: the same subset for every seed
+    # frozen: (2 arms + the majority baseline) × 2 fractions × 2 seeds × 4 metrics; fine-tuned: 2 arms × 1 × 2 × 4
+    assert len(df[df.setting == "frozen"]) == 48 and len(df[df.setting == "finetune"]) == 16
+    assert set(df.metric) == {"macro_f1", "accuracy", "auroc", "balanced_accuracy"}
+    assert df.value.between(0, 1).all() and set(df.arm) == {"majority", "imagenet", "umedpt"}
     meta = json.loads((out / "breastmnist.json").read_text())
     assert meta["real_data"] is False and meta["profile"] == "smoke" and set(meta["arms"]) == {"imagenet", "umedpt"}
     assert list((tmp_path / "book/cache/benchmark").rglob("*.safetensors"))  # frozen features were cached

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, f1_score, jaccard_score, roc_auc_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, jaccard_score, roc_auc_score
 from umedpt.core import InputError
 from umedpt.metrics import (classification_metrics, confusion_matrix, detection_map, multilabel_metrics,
                             segmentation_metrics)
@@ -17,6 +17,7 @@ def test_classification_metrics_match_sklearn(C):
     m = classification_metrics(probs, target)
     pred = probs.argmax(1)
     assert m["accuracy"] == pytest.approx(accuracy_score(target, pred))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(target, pred))
     assert m["macro_f1"] == pytest.approx(f1_score(target, pred, average="macro"))
     ref = (roc_auc_score(target, probs[:, 1]) if C == 2
            else roc_auc_score(target, probs.double() / probs.double().sum(1, keepdim=True), multi_class="ovr"))
@@ -25,10 +26,24 @@ def test_classification_metrics_match_sklearn(C):
 
 def test_classification_metrics_accept_numpy_and_reject_empty():
     m = classification_metrics(np.array([[0.2, 0.8], [0.6, 0.4]]), np.array([1, 0]))
-    assert m == {"accuracy": 1.0, "macro_f1": 1.0, "auroc": 1.0}
+    assert m == {"accuracy": 1.0, "balanced_accuracy": 1.0, "macro_f1": 1.0, "auroc": 1.0}
     with pytest.raises(InputError, match="no samples"): classification_metrics(np.zeros((0, 2)), np.zeros(0, dtype=int))
     with pytest.raises(InputError, match="class indices"):
         classification_metrics(np.array([[0.5, 0.5]]), np.array([0.5]))
+
+
+def test_balanced_accuracy_matches_sklearn_with_absent_and_extra_classes():
+    import warnings
+    rng = np.random.default_rng(0)
+    target = rng.choice([0, 1, 3], 50, p=[0.7, 0.2, 0.1])  # class 2 never a target, but sometimes predicted
+    probs = rng.dirichlet(np.ones(4), 50)
+    probs[np.arange(50), target] += 0.3 * rng.random(50); probs /= probs.sum(1, keepdims=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns about the predicted class absent from the targets
+        want = balanced_accuracy_score(target, probs.argmax(1))
+    assert classification_metrics(probs, target)["balanced_accuracy"] == pytest.approx(want)
+    majority = classification_metrics(np.tile([0.7, 0.2, 0.0, 0.1], (50, 1)), target)
+    assert majority["balanced_accuracy"] == pytest.approx(1 / 3) and majority["auroc"] == pytest.approx(0.5)
 
 
 def test_multilabel_metrics_match_sklearn_without_missing_labels():

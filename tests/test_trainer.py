@@ -181,6 +181,6 @@ def test_precision_and_memory_format_options():
     assert _losses_with() == fp32  # "auto" is fp32 on the CPU
     bf16 = _losses_with(precision="bf16")  # bf16 autocast on the CPU: the gpu profile's code path, tried here
     assert bf16 != fp32 and all(abs(a - b) < 0.05 for a, b in zip(bf16, fp32)), (bf16, fp32)
-    channels_last = _losses_with(channels_last=True)  # same maths, another memory layout
-    assert all(abs(a - b) < 1e-4 for a, b in zip(channels_last, fp32)), (channels_last, fp32)
+    nchw = _losses_with(channels_last=False)  # the default is channels-last: same maths, another memory layout
+    assert all(abs(a - b) < 1e-4 for a, b in zip(nchw, fp32)), (nchw, fp32)
     with pytest.raises(ConfigError, match="precision must be one of"): _losses_with(precision="fp16")

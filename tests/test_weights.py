@@ -164,21 +164,37 @@ def test_publish_is_atomic(tiny, package_dir, monkeypatch):
     assert sorted(p.name for p in package_dir.iterdir()) == ["umedpt-tiny"]
 
 
-def test_unknown_and_unshipped_names(package_dir):
-    with pytest.raises(ConfigError, match=r"published names: umedpt-lite0 \(not shipped\)"):
+def test_unknown_and_unshipped_names(package_dir, monkeypatch):
+    with pytest.raises(ConfigError, match=r"published names: umedpt-lite0 \(shipped\)"):
         from_pretrained("umedpt-nope")
-    with pytest.raises(DataError, match="not shipped with umedpt: its pretraining database contains Kvasir-SEG"):
-        from_pretrained("umedpt-lite0")
-    assert "pretraining chapter" in PUBLISHED["umedpt-lite0"].reason
+    monkeypatch.setitem(PUBLISHED, "umedpt-later", PublishedModel("umedpt-later", status="not shipped",
+                                                                   reason="its licence forbids it"))
+    with pytest.raises(DataError, match="not shipped with umedpt: its licence forbids it"):
+        from_pretrained("umedpt-later")
 
 
-def test_the_published_database_cannot_be_shipped(tiny, package_dir):
-    "umedpt-lite0 is 'not shipped' because its database (the pretraining chapter's table) holds restricted data."
+def test_shipped_weights_reproduce_the_committed_embedding():
+    "umedpt-lite0 loads by name from the package and embeds two fixed images as recorded when it was published."
+    import json, hashlib, sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tools"))
+    from publish_weights import REFERENCE, embed_reference
+    reference = json.loads(REFERENCE.read_text())
+    shipped = weights.PRETRAINED_DIR / "umedpt-lite0" / WEIGHTS_NAME
+    assert hashlib.sha256(shipped.read_bytes()).hexdigest() == reference["sha256"]
+    got = torch.tensor(embed_reference("umedpt-lite0"))
+    want = torch.tensor(reference["embedding"])
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    assert PUBLISHED["umedpt-lite0"].status == "shipped"
+
+
+def test_the_published_database_can_be_shipped(tiny, package_dir):
+    "umedpt-lite0 ships because its database (the pretraining chapter's table) holds only redistributable data."
     import pandas as pd
     from pathlib import Path
     table = Path(__file__).resolve().parents[1] / "book/data/pretraining/database.csv"
     if not table.is_file(): pytest.skip("no published pretraining database table")
     db = pd.read_csv(table)
-    with pytest.raises(ConfigError, match="refused") as e:
-        publish_weights(tiny[1], "umedpt-lite0", dict(zip(db["task"], db["source"])))
-    assert "kvasir_seg_256" in str(e.value) and "kvasir_seg_256" in PUBLISHED["umedpt-lite0"].reason
+    out = publish_weights(tiny[1], "umedpt-lite0", dict(zip(db["task"], db["source"])))
+    assert "kermany_pneumonia_cxr_224" in (out / CARD_NAME).read_text()

@@ -28,11 +28,13 @@ _EXPORTS = {  # module -> the names re-exported at package level
     "volumes": ("normalize_volume", "NiftiVolumes", "NpzVolumes", "CachedSliceDataset"),
     "slides": ("SlideReader", "tissue_mask", "CachedPatchDataset"),
     "images": ("read_image", "read_mask", "resize_longer_edge", "pad_to_multiple", "to_channels"),
+    "duplicates": ("Fingerprints", "find_duplicates", "nearest_match", "assert_disjoint"),
     "sampler": ("TaskSampler", "make_loader"),
     "adapters": ("ClassFolderDataset", "ImageMaskFolderDataset", "VOCDetectionDataset", "NpzDataset",
                  "NiftiSliceDataset", "open_folder"),
-    "registry": ("DatasetCard", "register_dataset", "check_dataset"),
-    "catalogue": ("DATASETS", "open_dataset", "datasets_table"),  # the catalogue fills the registry's DATASETS
+    "registry": ("DatasetCard", "register_dataset", "check_dataset", "fingerprint_dataset"),
+    "catalogue": ("DATASETS", "open_dataset", "datasets_table",  # the catalogue fills the registry's DATASETS
+                  "duplicate_report"),
     "trainer": ("Trainer", "plot_losses"),
     "weights": ("save_pretrained", "from_pretrained", "publish_weights"),
     "inference": ("embed_images", "embed_folder"),
@@ -74,11 +76,12 @@ if TYPE_CHECKING:  # what static tools see; kept equal to _EXPORTS by a test
     from .volumes import normalize_volume, NiftiVolumes, NpzVolumes, CachedSliceDataset
     from .slides import SlideReader, tissue_mask, CachedPatchDataset
     from .images import read_image, read_mask, resize_longer_edge, pad_to_multiple, to_channels
+    from .duplicates import Fingerprints, find_duplicates, nearest_match, assert_disjoint
     from .sampler import TaskSampler, make_loader
     from .adapters import (ClassFolderDataset, ImageMaskFolderDataset, VOCDetectionDataset, NpzDataset,
                            NiftiSliceDataset, open_folder)
-    from .registry import DatasetCard, register_dataset, check_dataset
-    from .catalogue import DATASETS, open_dataset, datasets_table
+    from .registry import DatasetCard, register_dataset, check_dataset, fingerprint_dataset
+    from .catalogue import DATASETS, open_dataset, datasets_table, duplicate_report
     from .trainer import Trainer, plot_losses
     from .weights import save_pretrained, from_pretrained, publish_weights
     from .inference import embed_images, embed_folder

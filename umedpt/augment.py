@@ -104,9 +104,13 @@ class SampleAugment:
         else: self.reseed(int(np.random.SeedSequence([self.seed, worker_seed]).generate_state(1)[0]))
 
     @torch.no_grad()
-    def __call__(self, sample: dict) -> dict:
+    def __call__(self,
+                 sample: dict,  # a umedpt sample
+                 seed: int | None = None,  # draw this call's augmentation from `seed` alone (see `make_loader`)
+                ) -> dict:
         "Augmented copy of `sample`."
-        self._check_process()
+        if seed is not None: self.reseed(seed)  # the draw depends on the seed only, not on earlier calls
+        else: self._check_process()
         img = sample.get("image")
         if not isinstance(img, torch.Tensor) or img.ndim != 3 or img.shape[0] not in (1, 3):
             raise InputError(f"SampleAugment needs an image tensor of 1 or 3 channels (C×H×W), "

@@ -9,19 +9,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from .core import ConfigError, DataError, DataRootError, collate_samples, pick_device, seed_everything
-from .evaluation import (FRACTIONS, extract_embeddings, fine_tune, fit_linear_probe, nested_subsets,
-                               probe_benchmark, results_frame)
+from .evaluation import (FRACTIONS, PROBE_SOLVERS, extract_embeddings, fine_tune, fit_linear_probe,
+                               nested_subsets, probe_benchmark, relative_change, results_frame)
 
 # %% auto #0
 __all__ = ['BENCHMARK_PROFILES', 'BUILT_IN_ARMS', 'BENCHMARK_METRICS', 'ImageSet', 'to_uint8', 'capped', 'load_image_set',
-           'BenchmarkSettings', 'need_weights', 'build_arm', 'fingerprint', 'probe_rows', 'fine_tune_run',
-           'BenchmarkRun', 'run_benchmark', 'scores_table']
+           'BenchmarkSettings', 'need_weights', 'build_arm', 'fingerprint', 'probe_rows', 'majority_rows',
+           'FineTuneResult', 'fine_tune_run', 'BenchmarkRun', 'run_benchmark', 'scores_table', 'pool_arms',
+           'seed_spread']
 
 # %% ../nbs/31_benchmark.ipynb #07ed7246
 class ImageSet(Dataset):
@@ -30,10 +32,14 @@ class ImageSet(Dataset):
                  images: torch.Tensor,  # uint8 N×C×S×S
                  labels: np.ndarray,  # N class indices into `classes`
                  classes: Sequence[str],  # class names
-                 name: str):  # names the set in error messages
+                 name: str,  # names the set in error messages
+                 domain: str = "general"):  # augmentation domain for fine-tuning (see `umedpt.augment.DOMAINS`)
+        from umedpt.augment import DOMAINS
         if len(images) != len(labels): raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
+        if domain not in DOMAINS: raise ConfigError(f"{name}: unknown augmentation domain {domain!r}; choose one of "
+                                                    f"{', '.join(DOMAINS)}")
         self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
-        self.classes, self.name = list(classes), name
+        self.classes, self.name, self.domain = list(classes), name, domain
 
     def __len__(self) -> int: return len(self.images)
     def __getitem__(self, i: int) -> dict: return {"image": self.images[i].float() / 255, "label": int(self.labels[i])}
@@ -41,7 +47,7 @@ class ImageSet(Dataset):
     def subset(self, idx: Sequence[int]) -> ImageSet:
         "The samples at `idx` as a new `ImageSet`."
         idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-        return ImageSet(self.images[idx], self.labels[idx.numpy()], self.classes, self.name)
+        return ImageSet(self.images[idx], self.labels[idx.numpy()], self.classes, self.name, self.domain)
 
 # %% ../nbs/31_benchmark.ipynb #1e2a3b50
 def _as_square(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -94,18 +100,19 @@ def capped(
 
 # %% ../nbs/31_benchmark.ipynb #8ebb15cb
 def _registry_set(name: str, split: str, size: int, n_max: int | None, seed: int, planes: bool, root,
-                  **options) -> ImageSet:
+                  domain: str | None, **options) -> ImageSet:
     from umedpt.catalogue import DATASETS, open_dataset
     if root is not None: options["root"] = root
+    domain = domain or DATASETS[name].domain
     if not planes:
         ds = capped(open_dataset(name, split, channels=3, size=size, **options), n_max, seed=seed)
-        return ImageSet(*to_uint8(ds, name), ds.classes, name)
+        return ImageSet(*to_uint8(ds, name), ds.classes, name, domain)
     views = [open_dataset(name, split, channels=1, slices="center", axis=k, size=size, **options) for k in range(3)]
     views = [capped(v, n_max, seed=seed) for v in views]
     parts = [to_uint8(v, name) for v in views]
     if not all(np.array_equal(parts[0][1], p[1]) for p in parts):
         raise DataError(f"{name}: labels differ between the slice planes")
-    return ImageSet(torch.cat([p[0] for p in parts], 1), parts[0][1], list(DATASETS[name].classes), name)
+    return ImageSet(torch.cat([p[0] for p in parts], 1), parts[0][1], list(DATASETS[name].classes), name, domain)
 
 # %% ../nbs/31_benchmark.ipynb #e3a344d5
 def load_image_set(
@@ -117,28 +124,46 @@ def load_image_set(
     planes: bool = False,  # registry 3D volumes: the three orthogonal centre slices as the three channels
     root: str | Path | None = None,  # data folder of registry datasets; default: `UMEDPT_DATA`
     name: str | None = None,  # names the set; default: the registry name or the Dataset's `name`
+    domain: str | None = None,  # augmentation domain; default: the registry card's, a Dataset's `domain`, "general"
     **options,  # more options of the registry dataset (see its card)
 ) -> ImageSet:
     "A task's split as an `ImageSet` of 3×size×size images: from the dataset registry or from any Dataset."
     if not isinstance(size, int) or size < 1: raise ConfigError(f"size must be a positive integer, got {size!r}")
     if isinstance(source, str):
-        return _registry_set(str(source), split, size, n_max, seed, planes, root, **options)
+        return _registry_set(str(source), split, size, n_max, seed, planes, root, domain, **options)
     if planes or options or root is not None:
         raise ConfigError("load_image_set: planes, root and dataset options apply to registry names, not to a Dataset")
     classes = getattr(source, "classes", None)
     name = name or getattr(source, "name", None) or type(source).__name__
     if classes is None: raise ConfigError(f"{name}: a Dataset for load_image_set needs a `classes` list")
-    return ImageSet(*to_uint8(capped(source, n_max, seed), name, size=size), classes, name)
+    return ImageSet(*to_uint8(capped(source, n_max, seed), name, size=size), classes, name,
+                    domain or getattr(source, "domain", None) or "general")
 
 # %% ../nbs/31_benchmark.ipynb #5fe8542c
+# cpu: sized from measurements on the book's machine (2 shared cores, EfficientNet-Lite0 `imagenet` arm, 128 px):
+#   fine-tuning, batch 16, channels-last: ≈ 90 img/s on 2 threads (bare training loop, idle machine; 56 img/s in the
+#   standard layout), ≈ 50 img/s on 1 thread through the whole pipeline (uint8 → augmentation → batch → AdamW step;
+#   as fast as the bare loop on 1 thread); we count 75 img/s. Embedding, channels-last: ≈ 87 img/s on 1 thread
+#   (50 in the standard layout); we count 140 on 2. Probes: 30 AdamW probes (6 fractions × 5 seeds, 100 epochs) on
+#   5137 × 1280 features ≈ 20 s per arm. The majority baseline costs nothing.
+# Worst task, brain_tumor_mri: 5137 training images (1 %: 51), 1311 test images, 4 classes.
+#   fixed: data 12 s + plots 20 s; per arm: features (6448 images) 46 s + probes 20 s = 66 s
+#   one fine-tuning run at 1 %: 40 epochs × 51 images / 75 img/s = 27 s + test re-embedding 1311 / 140 = 9 s ≈ 37 s
+#   3 arms, 2 fine-tuned (imagenet, umedpt), 3 seeds: 32 + 3 · 66 + 2 · 3 · 37 = 452 s ≈ 7.5 min
+#   5 arms, 4 fine-tuned (imagenet, umedpt of 3 pretraining seeds), 3 seeds: 32 + 5 · 66 + 12 · 37 = 806 s ≈ 13.4 min
+#   The paper's 100 epochs would take 12 · 77 s = 15.5 min for 4 fine-tuned arms alone, and a 5 % subset (257 images)
+#   costs 5 × the 1 % one: neither fits. Three seeds: a paired t-test with two degrees of freedom.
 BENCHMARK_PROFILES = {
     "smoke": dict(size=64, max_train=200, max_test=200, fractions=[0.1, 1.0], seeds=[0, 1], ft_fractions=[0.1],
-                  ft_seeds=[0, 1], ft_steps=5, ft_batch=8, ft_arms=None),
+                  ft_seeds=[0, 1], ft_epochs=2, ft_batch=8, ft_arms=None),
     "cpu": dict(size=128, max_train=None, max_test=None, fractions=list(FRACTIONS), seeds=[0, 1, 2, 3, 4],
-                ft_fractions=[0.01, 0.1], ft_seeds=[0, 1, 2], ft_steps=40, ft_batch=8, ft_arms=["imagenet", "umedpt"]),
+                ft_fractions=[0.01], ft_seeds=[0, 1, 2], ft_epochs=40, ft_batch=16, ft_arms=["imagenet", "umedpt"]),
     "gpu": dict(size=224, max_train=None, max_test=None, fractions=list(FRACTIONS), seeds=[0, 1, 2, 3, 4],
-                ft_fractions=list(FRACTIONS), ft_seeds=[0, 1, 2, 3, 4], ft_steps=500, ft_batch=32, ft_arms=None),
+                ft_fractions=list(FRACTIONS), ft_seeds=[0, 1, 2, 3, 4], ft_epochs=100, ft_batch=32, ft_arms=None),
 }
+BENCHMARK_PROFILES["gpu-dry"] = dict(BENCHMARK_PROFILES["gpu"], size=64, max_train=48, max_test=24,
+                                     fractions=[0.25, 1.0], seeds=[0, 1], ft_fractions=[0.25], ft_seeds=[0, 1],
+                                     ft_epochs=1, ft_batch=4)  # the gpu profile's code at toy sizes
 
 # %% ../nbs/31_benchmark.ipynb #d465b333
 def _positive_int(value, what: str, none_ok: bool = False):
@@ -149,32 +174,44 @@ def _positive_int(value, what: str, none_ok: bool = False):
 
 @dataclass
 class BenchmarkSettings:
-    "What one benchmark run does, besides its data and arms."
+    "What one benchmark run does, besides its data and arms (the defaults: the paper's protocol at 224 px)."
     size: int = 224  # image edge in px
     fractions: Sequence[float] = FRACTIONS  # training fractions of the frozen setting
     seeds: Sequence[int] = (0, 1, 2, 3, 4)  # subset seeds of the frozen setting
+    probe_epochs: int = 100  # epochs of every linear probe (frozen setting, and the fine-tuning's first head)
+    probe_solver: str = "adamw"  # "adamw" (by epochs, the paper's) or "lbfgs" (logistic regression; n = 1 at 100 %)
+    majority: bool = True  # add the "majority" baseline arm (frozen rows: the training subset's majority class)
     ft_fractions: Sequence[float] = FRACTIONS  # fractions fine-tuned (empty: no fine-tuning)
     ft_seeds: Sequence[int] = (0, 1, 2, 3, 4)  # seeds fine-tuned
-    ft_steps: int = 500  # optimiser steps per fine-tuning run
+    ft_epochs: int = 100  # passes over the subset per fine-tuning run (paper: 100); ⌈n / ft_batch⌉ steps each
     ft_batch: int = 32  # images per fine-tuning step (at most the subset's size)
+    ft_augment: bool = True  # augment the fine-tuning images with the training set's domain recipe (paper)
     ft_arms: Sequence[str] | None = None  # arms fine-tuned (names not in the run are skipped); None: every arm
     max_train: int | None = None  # stratified cap on the training split; None: all of it
     max_test: int | None = None  # stratified cap on the test split
     batch_size: int = 64  # images per forward pass when embedding
+    channels_last: bool | None = None  # channels-last memory format when fine-tuning and embedding; None: on CPU
 
     def __post_init__(self):
         for k in ("fractions", "ft_fractions"): setattr(self, k, [float(f) for f in getattr(self, k)])
         for k in ("seeds", "ft_seeds"): setattr(self, k, [int(s) for s in getattr(self, k)])
         if self.ft_arms is not None: self.ft_arms = [str(a) for a in self.ft_arms]
-        for k in ("size", "ft_steps", "ft_batch", "batch_size"): setattr(self, k, _positive_int(getattr(self, k), k))
+        for k in ("size", "probe_epochs", "ft_epochs", "ft_batch", "batch_size"):
+            setattr(self, k, _positive_int(getattr(self, k), k))
         for k in ("max_train", "max_test"): setattr(self, k, _positive_int(getattr(self, k), k, none_ok=True))
+        if self.probe_solver not in PROBE_SOLVERS:
+            raise ConfigError(f"probe_solver must be one of {PROBE_SOLVERS}, got {self.probe_solver!r}")
+        for k in ("majority", "ft_augment"):
+            if not isinstance(getattr(self, k), bool): raise ConfigError(f"{k} must be True or False")
+        if not (self.channels_last is None or isinstance(self.channels_last, bool)):
+            raise ConfigError(f"channels_last must be True, False or None, got {self.channels_last!r}")
         if not self.fractions or not self.seeds: raise ConfigError("fractions and seeds must not be empty")
         nested_subsets(None, n=1, fractions=self.fractions, seeds=self.seeds + self.ft_seeds)  # checks both
         if self.ft_fractions: nested_subsets(None, n=1, fractions=self.ft_fractions, seeds=[0])
 
     @classmethod
     def preset(cls, profile: str, **overrides) -> BenchmarkSettings:
-        "The settings of a book profile (smoke, cpu, gpu), with `overrides` that are not None."
+        "The settings of a book profile (see `BENCHMARK_PROFILES`), with `overrides` that are not None."
         if profile not in BENCHMARK_PROFILES:
             raise ConfigError(f"profile must be one of {list(BENCHMARK_PROFILES)}, got {profile!r}")
         unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
@@ -237,7 +274,7 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:12]
 
 # %% ../nbs/31_benchmark.ipynb #25d839da
-BENCHMARK_METRICS = ("macro_f1", "accuracy", "auroc")
+BENCHMARK_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "auroc")
 
 def _metric(name: str):
     from umedpt.metrics import classification_metrics
@@ -248,48 +285,89 @@ def probe_rows(
     train_features: np.ndarray, train_labels: np.ndarray,  # frozen features and labels of the whole training set
     test_features: np.ndarray, test_labels: np.ndarray,  # ... and of the test set
     task: str, arm: str, num_classes: int,  # written into the table; number of classes
+    solver: str = "adamw",  # the probe (see `fit_linear_probe`); "lbfgs" fits identical subsets once
+    epochs: int = 100,  # epochs of the adamw probe
 ) -> pd.DataFrame:
-    "Frozen-setting rows of every subset; identical subsets (e.g. 100 % of every seed) are fitted once."
+    "Frozen-setting rows of every subset: one seeded probe each (lbfgs: identical subsets are fitted once)."
+    metrics = {m: _metric(m) for m in BENCHMARK_METRICS}
+    fit = lambda subs: probe_benchmark(train_features, train_labels, test_features, test_labels, subs, metrics,
+                                       task=task, arm=arm, num_classes=num_classes, solver=solver, epochs=epochs)
+    if solver != "lbfgs": return fit(subsets)
     first = {}
     for key, idx in subsets.items(): first.setdefault(idx.tobytes(), key)
-    unique = {key: subsets[key] for key in first.values()}
-    metrics = {m: _metric(m) for m in BENCHMARK_METRICS}
-    df = probe_benchmark(train_features, train_labels, test_features, test_labels, unique, metrics, task=task, arm=arm,
-                         num_classes=num_classes)
+    df = fit({key: subsets[key] for key in first.values()})
     copies = [df[(df.seed == first[idx.tobytes()][0]) & (df.fraction == f)].assign(seed=s)
               for (s, f), idx in subsets.items() if first[idx.tobytes()] != (s, f)]
     return pd.concat([df, *copies], ignore_index=True)
 
+def majority_rows(
+    subsets: Mapping[tuple[int, float], np.ndarray],  # from `nested_subsets`
+    train_labels: np.ndarray, test_labels: np.ndarray,  # class labels of the whole training set and of the test set
+    task: str, num_classes: int,  # written into the table; number of classes
+    arm: str = "majority",  # the baseline's name in the table
+) -> pd.DataFrame:
+    "Frozen-setting rows of the majority baseline: the training subset's class frequencies for every test image."
+    from umedpt.metrics import classification_metrics
+    rows = []
+    for (seed, fraction), idx in subsets.items():
+        prior = np.bincount(train_labels[idx], minlength=num_classes) / len(idx)
+        scores = classification_metrics(np.tile(prior, (len(test_labels), 1)), np.asarray(test_labels))
+        rows += [dict(task=task, arm=arm, setting="frozen", fraction=fraction, seed=seed, metric=m, value=scores[m])
+                 for m in BENCHMARK_METRICS]
+    return results_frame(rows)
+
 # %% ../nbs/31_benchmark.ipynb #b4a4fd93
+class FineTuneResult(NamedTuple):
+    "What `fine_tune_run` returns."
+    rows: list[dict]  # result rows of the fine-tuned model (setting "finetune")
+    losses: list[float]  # training loss of every step
+    encoder_change: float  # ‖θ − θ₀‖ / ‖θ₀‖ over the encoder's parameters
+
+class _Augmented(Dataset):
+    "The samples of `ds`, each passed through `augment`."
+    def __init__(self, ds: Dataset, augment): self.ds, self.augment = ds, augment
+    def __len__(self) -> int: return len(self.ds)
+    def __getitem__(self, i: int) -> dict: return self.augment(self.ds[i])
+
+def _encoder_params(blocks: nn.Module) -> list[torch.Tensor]:
+    "The encoder's parameters (`blocks.encoder`; all of `blocks` when it has none)."
+    return list(getattr(blocks, "encoder", blocks).parameters())
+
 def fine_tune_run(
     blocks: nn.Module,  # the arm's blocks (copied, never changed)
     train_set: ImageSet, test_set: ImageSet,  # the task's splits
     train_features: np.ndarray,  # the arm's frozen features of the whole training set (for the initial probe)
     idx: np.ndarray,  # the subset's indices into `train_set`
     seed: int, fraction: float,  # the subset's seed (also seeds the run) and fraction
-    settings: BenchmarkSettings,  # ft_steps, ft_batch, batch_size
+    settings: BenchmarkSettings,  # probe_*, ft_epochs, ft_batch, ft_augment, batch_size, channels_last
     task: str, arm: str,  # written into the table
     device: str | torch.device | None = None,  # default: where `blocks` are
-) -> tuple[list[dict], list[float]]:
-    "Fine-tune one copy of an arm on one subset: its test scores as result rows, and its training losses."
+) -> FineTuneResult:
+    "Fine-tune one copy of an arm on one subset by epochs, with augmentation: test scores, losses, encoder change."
+    from umedpt.augment import SampleAugment
     from umedpt.losses import ClassificationLoss
     from umedpt.metrics import classification_metrics
     device = device or next(blocks.parameters()).device
     k, y_train = len(train_set.classes), train_set.labels
     seed_everything(seed)
     blocks = copy.deepcopy(blocks)
-    head = fit_linear_probe(train_features[idx], y_train[idx], num_classes=k)
-    loader = DataLoader(train_set.subset(idx), batch_size=min(settings.ft_batch, len(idx)), shuffle=True,
-                        drop_last=True, collate_fn=collate_samples, generator=torch.Generator().manual_seed(seed))
-    loss_fn = ClassificationLoss(k)
+    head = fit_linear_probe(train_features[idx], y_train[idx], num_classes=k, solver=settings.probe_solver,
+                            epochs=settings.probe_epochs, seed=seed)
+    data = train_set.subset(idx)
+    if settings.ft_augment: data = _Augmented(data, SampleAugment(train_set.domain, seed=seed))
+    loader = DataLoader(data, batch_size=min(settings.ft_batch, len(idx)), shuffle=True, collate_fn=collate_samples,
+                        generator=torch.Generator().manual_seed(seed))
+    theta0, loss_fn = [p.detach().clone() for p in _encoder_params(blocks)], ClassificationLoss(k)
     losses = fine_tune(blocks, head, lambda b, h, batch: h(b.embed(batch["image"])),
-                       lambda logits, batch: loss_fn(logits, batch["label"]), loader, steps=settings.ft_steps,
-                       device=device)
-    f_test = extract_embeddings(blocks, test_set, batch_size=settings.batch_size, device=device)[0]
+                       lambda logits, batch: loss_fn(logits, batch["label"]), loader,
+                       steps=settings.ft_epochs * len(loader), device=device, channels_last=settings.channels_last)
+    change = relative_change(theta0, _encoder_params(blocks))
+    f_test = extract_embeddings(blocks, test_set, batch_size=settings.batch_size, device=device,
+                                channels_last=settings.channels_last)[0]
     with torch.no_grad(): probs = head.cpu()(torch.from_numpy(f_test)).softmax(1).numpy()
     scores = classification_metrics(probs, test_set.labels)
-    return [dict(task=task, arm=arm, setting="finetune", fraction=fraction, seed=seed, metric=m, value=scores[m])
-            for m in BENCHMARK_METRICS], losses
+    return FineTuneResult([dict(task=task, arm=arm, setting="finetune", fraction=fraction, seed=seed, metric=m,
+                                value=scores[m]) for m in BENCHMARK_METRICS], losses, change)
 
 # %% ../nbs/31_benchmark.ipynb #ebfc602f
 @dataclass
@@ -300,6 +378,7 @@ class BenchmarkRun:
     fingerprints: dict[str, str]  # arm -> hash of its weights
     finetuned_arms: list[str]  # the arms that were fine-tuned
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each part
+    encoder_change: dict[tuple[str, float, int], float] = field(default_factory=dict)  # ... -> ‖θ − θ₀‖ / ‖θ₀‖
 
 @contextmanager
 def _timed(seconds: dict, part: str, verbose: bool) -> Iterator[None]:
@@ -308,7 +387,7 @@ def _timed(seconds: dict, part: str, verbose: bool) -> Iterator[None]:
     if verbose: print(f"[{part}] {seconds[part]:.1f} s")
 
 # %% ../nbs/31_benchmark.ipynb #90f1af54
-def _check_run(train_set, test_set, arms) -> None:
+def _check_run(train_set, test_set, arms, majority: bool) -> None:
     for what, s in (("train_set", train_set), ("test_set", test_set)):
         if not isinstance(s, ImageSet):
             raise ConfigError(f"{what} must be an ImageSet (see load_image_set), got {type(s).__name__}")
@@ -316,6 +395,8 @@ def _check_run(train_set, test_set, arms) -> None:
         raise DataError(f"train and test sets have different classes: {train_set.classes} vs {test_set.classes}")
     if not isinstance(arms, Mapping) or not arms:
         raise ConfigError("arms is empty: name at least one arm (see build_arm)")
+    if majority and "majority" in arms:
+        raise ConfigError("the arm name 'majority' is the majority baseline's: rename the arm or set majority=False")
     for name, blocks in arms.items():
         if not isinstance(blocks, nn.Module) or not callable(getattr(blocks, "embed", None)):
             raise ConfigError(f"arm {name!r}: expected shared blocks with embed(x), got {type(blocks).__name__}; "
@@ -325,37 +406,40 @@ def _check_run(train_set, test_set, arms) -> None:
 def run_benchmark(
     train_set: ImageSet, test_set: ImageSet,  # the task's splits (see `load_image_set`)
     arms: Mapping[str, nn.Module],  # arm name -> shared blocks (see `build_arm`)
-    settings: BenchmarkSettings,  # subsets, fine-tuning budget
+    settings: BenchmarkSettings,  # subsets, probes, fine-tuning budget
     task: str = "task",  # the task's name in the table and in the cache keys
     cache_dir: str | Path | None = None,  # where frozen features are cached; None: no cache
     device: str | torch.device | None = None,  # default: where each arm's blocks are
     verbose: bool = True,  # print the wall time of each part
 ) -> BenchmarkRun:
     "The data-scarcity benchmark of every arm on one task: frozen probes and fine-tuning runs, as one results table."
-    _check_run(train_set, test_set, arms)
+    _check_run(train_set, test_set, arms, settings.majority)
     y_train, k = train_set.labels, len(train_set.classes)
-    prints, seconds, frozen, feats = {a: fingerprint(m) for a, m in arms.items()}, {}, [], {}
+    prints, seconds, feats = {a: fingerprint(m) for a, m in arms.items()}, {}, {}
     subsets = nested_subsets(y_train, fractions=settings.fractions, seeds=settings.seeds)
+    frozen = [majority_rows(subsets, y_train, test_set.labels, task, k)] if settings.majority else []
     for arm, blocks in arms.items():
         with _timed(seconds, f"features {arm}", verbose):
             feats[arm] = [extract_embeddings(blocks, ds, batch_size=settings.batch_size, cache_dir=cache_dir,
                                              key=f"{task}/{arm}-{prints[arm]}/{split}-{settings.size}px-n{len(ds)}",
-                                             device=device)[0]
+                                             device=device, channels_last=settings.channels_last)[0]
                           for split, ds in (("train", train_set), ("test", test_set))]
         with _timed(seconds, f"probes {arm}", verbose):
-            frozen.append(probe_rows(subsets, feats[arm][0], y_train, feats[arm][1], test_set.labels, task, arm, k))
+            frozen.append(probe_rows(subsets, feats[arm][0], y_train, feats[arm][1], test_set.labels, task, arm, k,
+                                     solver=settings.probe_solver, epochs=settings.probe_epochs))
     ft_arms = [a for a in (settings.ft_arms or list(arms)) if a in arms]
     ft_subsets = nested_subsets(y_train, fractions=settings.ft_fractions, seeds=settings.ft_seeds) \
         if settings.ft_fractions and settings.ft_seeds else {}
-    finetuned, losses = [], {}
+    finetuned, losses, change = [], {}, {}
     for arm in ft_arms:
         with _timed(seconds, f"fine-tune {arm}", verbose):
             for (seed, fraction), idx in ft_subsets.items():
-                rows, losses[(arm, fraction, seed)] = fine_tune_run(
-                    arms[arm], train_set, test_set, feats[arm][0], idx, seed, fraction, settings, task, arm, device)
-                finetuned += rows
+                r = fine_tune_run(arms[arm], train_set, test_set, feats[arm][0], idx, seed, fraction, settings, task,
+                                  arm, device)
+                finetuned += r.rows
+                losses[(arm, fraction, seed)], change[(arm, fraction, seed)] = r.losses, r.encoder_change
     results = pd.concat([pd.concat(frozen, ignore_index=True), results_frame(finetuned)], ignore_index=True)
-    return BenchmarkRun(results, losses, prints, ft_arms if ft_subsets else [], seconds)
+    return BenchmarkRun(results, losses, prints, ft_arms if ft_subsets else [], seconds, change)
 
 # %% ../nbs/31_benchmark.ipynb #ecd1e44b
 def scores_table(
@@ -368,3 +452,34 @@ def scores_table(
     if sub.empty: raise DataError(f"no {setting} results for metric {metric!r}")
     table = sub.pivot_table(index="fraction", columns="arm", values="value", aggfunc="mean")
     return table[list(dict.fromkeys(sub.arm))]
+
+# %% ../nbs/31_benchmark.ipynb #a513105e
+def pool_arms(
+    results: pd.DataFrame,  # a results table (columns RESULT_COLUMNS)
+    arms: Sequence[str],  # the arms to pool, e.g. one per pretraining seed
+    name: str,  # the pooled arm's name
+) -> pd.DataFrame:
+    "`results` plus an arm `name`: the mean of `arms` in every (task, setting, fraction, seed, metric) they all have."
+    arms = list(arms)
+    if len(arms) < 2: raise ConfigError(f"pool_arms needs at least two arms, got {arms}")
+    if missing := sorted(set(arms) - set(results.arm)): raise DataError(f"pool_arms: no rows of arm(s) {missing}")
+    if name in set(results.arm): raise ConfigError(f"pool_arms: the table already has an arm {name!r}")
+    keys = ["task", "setting", "fraction", "seed", "metric"]
+    sub = results[results.arm.isin(arms)]
+    pooled = sub.groupby(keys).agg(value=("value", "mean"), n=("arm", "nunique")).reset_index()
+    pooled = pooled[pooled.n == len(arms)].drop(columns="n").assign(arm=name)[list(results.columns)]
+    return pd.concat([results, pooled], ignore_index=True)
+
+def seed_spread(
+    results: pd.DataFrame,  # a results table with one arm per pretraining seed
+    arms: Sequence[str],  # those arms
+    metric: str = "macro_f1", setting: str = "frozen",
+) -> pd.DataFrame:
+    "Per fraction: sd between the arms' means (pretraining seeds) and mean over the arms of the sd over subset seeds."
+    sub = results[results.arm.isin(list(arms)) & (results.metric == metric) & (results.setting == setting)]
+    if sub.empty: raise DataError(f"seed_spread: no {setting} {metric} rows of arms {list(arms)}")
+    means = sub.groupby(["fraction", "arm"]).value.mean().unstack()
+    subsets = sub.groupby(["fraction", "arm"]).value.std(ddof=1).unstack()
+    return pd.DataFrame({"pretraining seeds": means.shape[1], "mean": means.mean(1),
+                         "sd between pretraining seeds": means.std(1, ddof=1),
+                         "sd between subsets": subsets.mean(1)}).reset_index()

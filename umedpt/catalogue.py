@@ -4,7 +4,8 @@
 
 # %% ../nbs/17_catalogue.ipynb #f5dc97b8
 from __future__ import annotations
-import json, re
+import json, re, warnings
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 from torch.utils.data import Dataset, IterableDataset
@@ -12,11 +13,13 @@ from .core import ConfigError, DataError, DataRootError, data_root
 from .images import SamplePrep
 from .adapters import (ClassFolderDataset, FileDataset, ImageMaskFolderDataset, NiftiSliceDataset, NpzDataset,
                              VOCDetectionDataset)
-from .registry import COMMON_OPTIONS, DATASETS, DatasetCard, register_dataset, seeded_split
+from .registry import (COMMON_OPTIONS, DATASETS, DatasetCard, dedupe_split, held_out_duplicates,
+                             register_dataset, seeded_split)
 if TYPE_CHECKING: import pandas as pd
 
 # %% auto #0
-__all__ = ['BCCD_CLASSES', 'open_dataset', 'kermany_patient', 'kermany_class', 'datasets_table', 'first_samples']
+__all__ = ['BCCD_CLASSES', 'open_dataset', 'kermany_patient', 'kermany_class', 'datasets_table', 'duplicate_report',
+           'first_samples']
 
 # %% ../nbs/17_catalogue.ipynb #056302ef
 def _unknown_dataset(name: str) -> ConfigError:
@@ -25,10 +28,19 @@ def _unknown_dataset(name: str) -> ConfigError:
     hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
     return ConfigError(f"unknown dataset {name!r}{hint} Registered: {', '.join(DATASETS)}")
 
+def _dataset_path(name: str, root: str | Path | None) -> Path:
+    card = DATASETS[name]
+    base = Path(root).expanduser() if root is not None else data_root(dataset=name)
+    path = base / (card.path or card.name)
+    if not path.exists():
+        raise DataRootError(f"dataset {name!r}: {path} does not exist; expected layout: {card.layout}")
+    return path
+
 def open_dataset(
     name: str,  # a name in `DATASETS`
     split: str = "train",  # one of the card's splits
     root: str | Path | None = None,  # folder that holds the datasets; default: `data_root()` (env UMEDPT_DATA)
+    dedupe: bool = True,  # drop the images of a held-out split that duplicate its training splits (card `dedupe`)
     **options,  # channels, size, transform, and the card's own options
 ) -> Dataset:
     "Build a registered dataset's split as a torch `Dataset` of samples in the umedpt convention."
@@ -40,11 +52,9 @@ def open_dataset(
     if unknown:
         raise ConfigError(f"dataset {name!r} takes no option {unknown}; "
                           f"options: {sorted({**COMMON_OPTIONS, **card.options})}")
-    base = Path(root).expanduser() if root is not None else data_root(dataset=name)
-    path = base / (card.path or card.name)
-    if not path.exists():
-        raise DataRootError(f"dataset {name!r}: {path} does not exist; expected layout: {card.layout}")
-    return card.builder(path, split, **options)
+    path = _dataset_path(name, root)
+    ds = card.builder(path, split, **options)
+    return dedupe_split(card, path, split, ds, options) if dedupe and split in card.held_out else ds
 
 # %% ../nbs/17_catalogue.ipynb #f5b6d72c
 def _split_of(ds: FileDataset, split: str, keys: Sequence[str], fractions: dict[str, float], seed: int,
@@ -63,6 +73,7 @@ BCCD_CLASSES = ("RBC", "WBC", "Platelets")
     layout="bccd_detection/BCCD/{Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt}",
     splits={"train": "official ImageSets/Main/train.txt", "val": "official val.txt", "test": "official test.txt"},
     counts={"train": 205, "val": 87, "test": 72}, options={"bad_boxes": "'clip' (default here) or 'error'"},
+    dedupe={"val": ("train",), "test": ("train",)},
     notes="4,888 boxes (RBC 4,155, WBC 372, Platelets 361); 2 RBC boxes with coinciding corners are dropped with a "
           "counted warning, leaving 4,886."))
 def _bccd(path: Path, split: str, bad_boxes: str = "clip", **common) -> VOCDetectionDataset:
@@ -139,12 +150,14 @@ def _train_val(split: str, val_fraction: float) -> dict[str, float]:
            "224 px copy from github.com/KomalChaudhari8/BRAIN_TUMOR_APP",
     layout="brain_tumor_mri_224/{Training,Testing}/<class>/*.jpg",
     splits={"train": "Training minus val", "val": "10 % of Training per class, seeded",
-            "test": "official Testing folder"},
-    counts={"train": 5137, "val": 571, "test": 1311},
+            "test": "official Testing folder minus duplicates of Training"},
+    counts={"train": 5137, "val": 571, "test": 1311}, dedupe={"test": ("train", "val")},
     options={"val_fraction": "share of Training used for val (default 0.1)",
              "split_seed": "seed of the split (default 0)"},
     notes="Training 5,708 (glioma 1,321, meningioma 1,339, notumor 1,591, pituitary 1,457); "
-          "Testing 1,311 (300/306/405/300). No patient ids: train/val may share patients."))
+          "Testing 1,311 (300/306/405/300), of which 216 are byte-identical to Training images and about 240 "
+          "re-encodings of them: removed from test by default (dedupe=False keeps them). No patient ids: train/val "
+          "may share patients."))
 def _brain(path: Path, split: str, val_fraction: float = 0.1, split_seed: int = 0, **common) -> ClassFolderDataset:
     if split == "test":
         return ClassFolderDataset(path / "Testing", _BRAIN_CLASSES, name="brain_tumor_mri_224", **common)
@@ -182,7 +195,7 @@ def kermany_class(path: Path, three_class: bool = False) -> str:
     layout="kermany_pneumonia_cxr_224/{train,test}/{NORMAL,PNEUMONIA}/*.jpeg",
     splits={"train": "train folder minus val", "val": "10 % of the train patients per class, seeded",
             "test": "official test folder"},
-    counts={"train": 4670, "val": 546, "test": 624},
+    counts={"train": 4670, "val": 546, "test": 624}, dedupe={"test": ("train", "val")},
     options={"three_class": "classes normal/bacteria/virus from the file names",
              "val_fraction": "share of train patients for val (default 0.1)",
              "split_seed": "seed of the split (default 0)"},
@@ -208,7 +221,8 @@ def _npz_card(name, path, modality, classes, source, counts, notes="", volumes=F
                        licence=_MEDMNIST_LICENCE, weights_redistributable=True, source=source,
                        layout=f"{path} with keys {{train,val,test}}_{{images,labels}}",
                        splits={"train": "official", "val": "official", "test": "official"}, counts=counts,
-                       options=_SLICE_OPTIONS if volumes else {}, notes=notes, domain=domain)
+                       options=_SLICE_OPTIONS if volumes else {}, notes=notes, domain=domain,
+                       dedupe={"val": ("train",), "test": ("train",)})
 
 def _npz_builder(name: str, classes: tuple[str, ...]) -> Callable:
     def build(path: Path, split: str, **options) -> NpzDataset:
@@ -327,7 +341,7 @@ def _wsi(path: Path, split: str, patch_size: int = 224, level: int = 0, samples_
 
 # %% ../nbs/17_catalogue.ipynb #cdea7a94
 def datasets_table(names: Sequence[str] | None = None) -> pd.DataFrame:
-    "One row per registered dataset: label type, modality, classes, splits, licence, weights, source, options, notes."
+    "One row per registered dataset: label type, modality, classes, splits, licence, weights, source, notes, dedupe."
     import pandas as pd
     rows = []
     for name in names or DATASETS:
@@ -337,8 +351,33 @@ def datasets_table(names: Sequence[str] | None = None) -> pd.DataFrame:
         rows.append({"dataset": c.name, "label type": c.label_type, "modality": c.modality, "classes": classes,
                      "splits": " / ".join(f"{s} {c.counts.get(s, '?'):,}" for s in c.splits), "licence": c.licence,
                      "weights redistributable": c.weights_redistributable, "source": c.source,
-                     "options": ", ".join(c.options) or "–", "notes": c.notes})
+                     "options": ", ".join(c.options) or "–", "notes": c.notes,
+                     "duplicates removed": "; ".join(f"{s} (of {', '.join(t)})" for s, t in c.held_out.items()) or "–"})
     return pd.DataFrame(rows)
+
+# %% ../nbs/17_catalogue.ipynb #b2929ae5
+def duplicate_report(
+    names: str | Sequence[str] | None = None,  # registered datasets; default: every one with held-out splits
+    root: str | Path | None = None,  # folder that holds the datasets; default: `data_root()`
+    progress: bool = False,  # show progress bars while fingerprinting (first use only)
+) -> pd.DataFrame:
+    "Per held-out split: its images, how many duplicate a training split (exact, near), and how many are kept."
+    import pandas as pd
+    names = [names] if isinstance(names, str) else [n for n, c in DATASETS.items() if c.held_out] if names is None \
+        else list(names)
+    rows = []
+    for name in names:
+        if name not in DATASETS: raise _unknown_dataset(name)
+        card, path = DATASETS[name], _dataset_path(name, root)
+        for split, against in card.held_out.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. BCCD's documented box fixes
+                record = held_out_duplicates(card, path, split, card.builder(path, split), progress=progress)
+            kinds = Counter(v["kind"] for v in record["removed"].values())
+            rows.append({"dataset": name, "split": split, "against": " + ".join(against), "images": record["images"],
+                         "exact": kinds["exact"], "near": kinds["near"],
+                         "kept": record["images"] - len(record["removed"])})
+    return pd.DataFrame(rows, columns=["dataset", "split", "against", "images", "exact", "near", "kept"])
 
 # %% ../nbs/17_catalogue.ipynb #b90441fb
 def first_samples(

@@ -5,7 +5,8 @@
 # %% ../nbs/30_evaluation.ipynb #8ceaa241
 from __future__ import annotations
 import math, re, warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -16,9 +17,10 @@ from torch import nn
 from .core import ConfigError, DataError, InputError, atomic_write, pick_device, train_steps
 
 # %% auto #0
-__all__ = ['FRACTIONS', 'RESULT_COLUMNS', 'SETTINGS', 'nested_subsets', 'cached_features', 'extract_embeddings',
-           'fit_linear_probe', 'results_frame', 'probe_benchmark', 'fine_tune', 'linear_probe_task', 'fit_probe',
-           'fine_tune_task', 'task_results', 'TTest', 'paired_ttest', 'compare_arms', 'table1_summary', 'plot_scarcity']
+__all__ = ['FRACTIONS', 'PROBE_SOLVERS', 'RESULT_COLUMNS', 'SETTINGS', 'nested_subsets', 'cached_features', 'extract_embeddings',
+           'fit_linear_probe', 'fit_linear_probes', 'results_frame', 'probe_benchmark', 'fine_tune', 'relative_change',
+           'linear_probe_task', 'fit_probe', 'fine_tune_task', 'task_results', 'TTest', 'paired_ttest', 'holm',
+           'compare_arms', 'table1_summary', 'plot_scarcity']
 
 # %% ../nbs/30_evaluation.ipynb #aebd1509
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -97,6 +99,25 @@ def cached_features(
     return value
 
 # %% ../nbs/30_evaluation.ipynb #4c9b6971
+def _wants_channels_last(channels_last: bool | None, device: torch.device) -> bool:
+    "The channels-last choice: as given, or (None) on the CPU only."
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise ConfigError(f"channels_last must be True, False or None, got {channels_last!r}")
+    return device.type == "cpu" if channels_last is None else channels_last
+
+@contextmanager
+def _memory_format(module: nn.Module, channels_last: bool) -> Iterator[None]:
+    "Inside the block, `module`'s 4-d weights are channels-last (NHWC); afterwards they are standard (NCHW) again."
+    if not channels_last: yield; return
+    module.to(memory_format=torch.channels_last)
+    try: yield
+    finally: module.to(memory_format=torch.contiguous_format)
+
+def _device_of(module: nn.Module, device) -> torch.device:
+    if device is not None: return pick_device(device)
+    p = next(iter(module.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
 def extract_embeddings(
     blocks: nn.Module,  # anything with `embed(x) -> B×D`, e.g. `SharedBlocks`
     dataset,  # samples in the umedpt convention (`dataset[i]["image"]`, optional `label` / `labels`)
@@ -104,11 +125,13 @@ def extract_embeddings(
     cache_dir: str | Path | None = None,  # where to cache (see `cached_features`); None: no caching
     key: str | None = None,  # cache key naming arm, task and image set; required with `cache_dir`
     device: str | torch.device | None = None,  # device to embed on; default: the blocks' device
+    channels_last: bool | None = None,  # channels-last memory format while embedding; None: on the CPU only
 ) -> tuple[np.ndarray, np.ndarray | None]:
     "Frozen features (N×D float32) and classification targets of every sample of `dataset`, cached by `key`."
     from umedpt.inference import embed_images
     if cache_dir is not None and key is None:
         raise ConfigError("extract_embeddings: give a cache `key` with `cache_dir`")
+    nhwc = _wants_channels_last(channels_last, _device_of(blocks, device))
     def compute():
         targets = []
         def images():
@@ -116,7 +139,8 @@ def extract_embeddings(
                 s = dataset[i]
                 targets.append(s["label"] if "label" in s else s["labels"].numpy() if "labels" in s else None)
                 yield s["image"]
-        out = {"features": embed_images(blocks, images(), batch_size=batch_size, device=device)}
+        with _memory_format(blocks, nhwc):
+            out = {"features": embed_images(blocks, images(), batch_size=batch_size, device=device)}
         if targets and targets[0] is not None: out["targets"] = np.asarray(targets)
         return out
     out = cached_features(key, compute, cache_dir)
@@ -145,47 +169,136 @@ def _check_features(features, labels) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(x).all(): raise InputError("features contain nan or inf")
     return x, y
 
+def _probe_problem(features, labels, num_classes: int | None) -> tuple:
+    "One probe's checked inputs: standardised features z, labels, the mean and sd, the number of outputs."
+    x, y = _check_features(features, labels)
+    mu, sd = _standardise(x)
+    if y.ndim == 2:
+        y = y.astype(np.float64)
+        if not np.isin(y[~np.isnan(y)], (0.0, 1.0)).all(): raise InputError("multi-label targets must be 0, 1 or nan")
+        return (x - mu) / sd, y, mu, sd, y.shape[1]
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise InputError(f"classification labels must be N integers, got {y.dtype} {y.shape}")
+    k, present = int(num_classes if num_classes is not None else y.max() + 1), np.unique(y)
+    if present.min() < 0 or present.max() >= k:
+        raise InputError(f"labels must lie in [0, {k}), got {present.min()}..{present.max()}")
+    if len(present) < 2:
+        raise DataError(f"a linear probe needs at least two classes, the labels hold only class {present[0]}")
+    return (x - mu) / sd, y.astype(np.int64), mu, sd, k
+
+def _with_rates(w: np.ndarray, b: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "Multi-label columns with fewer than two distinct known values: zero weights, the smoothed rate's log-odds."
+    w, b = w.copy(), b.copy()
+    for j in range(y.shape[1]):
+        yj = y[~np.isnan(y[:, j]), j]
+        if len(np.unique(yj)) == 2: continue
+        p = (yj.sum() + 0.5) / (len(yj) + 1); w[j], b[j] = 0.0, math.log(p / (1 - p))
+    return w, b
+
+# %% ../nbs/30_evaluation.ipynb #e4f2b9c1
+def _probe_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    "Sum over probes (logits S×K×B, classes first) of each one's loss: CE / ln C, or BCE / ln 2 over known labels."
+    s, k, b = logits.shape
+    if not y.is_floating_point():  # `ClassificationLoss` of every probe (targets S×B)
+        return nn.functional.cross_entropy(logits, y, reduction="sum") / (b * math.log(k))
+    known = ~y.isnan()  # `MultiLabelLoss` of every probe (targets S×B×K)
+    bce = nn.functional.binary_cross_entropy_with_logits(logits.transpose(1, 2), y.nan_to_num(0.0), reduction="none")
+    return ((bce * known).sum((1, 2)) / known.sum((1, 2)).clamp(min=1)).sum() / math.log(2)
+
+def _epoch_batches(n: int, batch_size: int, epochs: int, gens: list[torch.Generator]) -> Iterator[torch.Tensor]:
+    "S×B row indices of every step: per probe, `epochs` shuffled passes over its `n` rows (last batch may be short)."
+    for _ in range(epochs): yield from torch.stack([torch.randperm(n, generator=g) for g in gens]).split(batch_size, 1)
+
+def _adamw_fit(z: np.ndarray, y: np.ndarray, k: int, seeds: Sequence[int], epochs: int, lr: float,
+               weight_decay: float, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    "Weights (S×k×D) and biases (S×k) of S linear layers on z (S×N×D), each seeded, trained side by side by AdamW."
+    s, n, d = z.shape
+    gens, bound = [torch.Generator().manual_seed(int(seed)) for seed in seeds], 1 / math.sqrt(d)
+    # PyTorch's default init of nn.Linear (uniform ±1/√D, weight then bias), from each probe's own generator
+    w = torch.stack([torch.empty(k, d).uniform_(-bound, bound, generator=g) for g in gens]).requires_grad_()
+    b = torch.stack([torch.empty(k).uniform_(-bound, bound, generator=g) for g in gens]).requires_grad_()
+    zt, bs = torch.as_tensor(z.reshape(s * n, d), dtype=torch.float32), min(batch_size, n)
+    yt = torch.as_tensor(y.reshape(s * n, *y.shape[2:]), dtype=torch.float32 if y.dtype.kind == "f" else torch.int64)
+    offsets = torch.arange(s)[:, None] * n
+    def loss(idx: torch.Tensor) -> torch.Tensor:  # idx: S×B rows of each probe's own problem
+        rows = (idx + offsets).reshape(-1)
+        zb, yb = zt.index_select(0, rows).view(s, -1, d), yt.index_select(0, rows).view(s, -1, *yt.shape[1:])
+        # classes first (W·zᵀ): each probe's weight gradient is then one (K×B)·(B×D) product, fast on any BLAS
+        return _probe_loss(torch.baddbmm(b[:, :, None], w, zb.transpose(1, 2)), yb)
+    opt = torch.optim.AdamW([w, b], lr=lr, weight_decay=weight_decay, fused=True)
+    with torch.enable_grad():  # also when called under no_grad
+        train_steps(opt, loss, _epoch_batches(n, bs, epochs, gens), epochs * math.ceil(n / bs), what="fit_linear_probe")
+    return w.detach().double().numpy(), b.detach().double().numpy()
+
+PROBE_SOLVERS = ("adamw", "lbfgs")
+
+def _check_probe_options(solver, epochs, lr, weight_decay, batch_size, seeds) -> None:
+    if solver not in PROBE_SOLVERS: raise ConfigError(f"solver must be one of {PROBE_SOLVERS}, got {solver!r}")
+    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ConfigError(f"fit_linear_probe: {name} must be a positive integer, got {v!r}")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"fit_linear_probe: seed must be a non-negative integer, got {seed!r}")
+    if not lr > 0 or not weight_decay >= 0:
+        raise ConfigError(f"fit_linear_probe: need lr > 0 and weight_decay >= 0, got {lr!r} and {weight_decay!r}")
+
 # %% ../nbs/30_evaluation.ipynb #f9fe1672
 def fit_linear_probe(
     features: np.ndarray,  # N×D frozen features
     labels: np.ndarray,  # N class indices (classification) or N×K multi-hot floats with nan = missing (multi-label)
     num_classes: int | None = None,  # classification outputs; default: largest label + 1
-    C: float = 1.0,  # inverse L2 regularisation strength of LogisticRegression
-    max_iter: int = 2000,  # L-BFGS iterations
+    solver: str = "adamw",  # "adamw": trained by epochs (the paper's protocol); "lbfgs": logistic regression
+    epochs: int = 100,  # adamw: passes over the features (paper: 100)
+    lr: float = 1e-2,  # adamw: learning rate (chosen on synthetic shapes, see below)
+    weight_decay: float = 1.0,  # adamw: decoupled weight decay (chosen on synthetic shapes)
+    batch_size: int = 32,  # adamw: features per step (at most N; chosen on synthetic shapes)
+    seed: int = 0,  # adamw: seeds the initial weights and the batch order
+    C: float = 1.0,  # lbfgs: inverse L2 regularisation strength of LogisticRegression
+    max_iter: int = 2000,  # lbfgs: iterations
 ) -> nn.Linear:
-    "Logistic-regression probe on standardised features, returned as an `nn.Linear` (logits)."
+    "A linear probe on standardised features, returned as an `nn.Linear` giving logits on the raw features."
+    _check_probe_options(solver, epochs, lr, weight_decay, batch_size, [seed])
+    if solver == "adamw":
+        return fit_linear_probes([(features, labels)], [seed], num_classes, epochs=epochs, lr=lr,
+                                 weight_decay=weight_decay, batch_size=batch_size)[0]
     from sklearn.linear_model import LogisticRegression
-    x, y = _check_features(features, labels)
-    mu, sd = _standardise(x); z = (x - mu) / sd
+    z, y, mu, sd, k = _probe_problem(features, labels, num_classes)
     fit = lambda zz, yy: LogisticRegression(C=C, max_iter=max_iter).fit(zz, yy)
-    if y.ndim == 2: return _multilabel_probe(z, y, mu, sd, fit)
-    if y.ndim != 1 or y.dtype.kind not in "iu":
-        raise InputError(f"classification labels must be N integers, got {y.dtype} {y.shape}")
-    k = int(num_classes if num_classes is not None else y.max() + 1)
-    present = np.unique(y)
-    if present.min() < 0 or present.max() >= k:
-        raise InputError(f"labels must lie in [0, {k}), got {present.min()}..{present.max()}")
-    if len(present) < 2:
-        raise DataError(f"a linear probe needs at least two classes, the labels hold only class {present[0]}")
-    lr = fit(z, y)
-    coef, icpt = (np.vstack([-lr.coef_ / 2, lr.coef_ / 2]), np.r_[-lr.intercept_ / 2, lr.intercept_ / 2]) \
-        if len(present) == 2 else (lr.coef_, lr.intercept_)
-    w, b = np.zeros((k, x.shape[1])), np.full(k, icpt.min() - math.log(len(y)))
-    w[lr.classes_], b[lr.classes_] = coef, icpt
+    if y.ndim == 2:
+        w, b = np.zeros((k, z.shape[1])), np.zeros(k)
+        for j in range(k):
+            known = ~np.isnan(y[:, j])
+            if len(np.unique(y[known, j])) == 2:
+                lr_ = fit(z[known], y[known, j].astype(int)); w[j], b[j] = lr_.coef_[0], lr_.intercept_[0]
+        return _as_linear(*_with_rates(w, b, y), mu, sd)
+    lr_ = fit(z, y)
+    coef, icpt = (np.vstack([-lr_.coef_ / 2, lr_.coef_ / 2]), np.r_[-lr_.intercept_ / 2, lr_.intercept_ / 2]) \
+        if len(lr_.classes_) == 2 else (lr_.coef_, lr_.intercept_)
+    w, b = np.zeros((k, z.shape[1])), np.full(k, icpt.min() - math.log(len(y)))
+    w[lr_.classes_], b[lr_.classes_] = coef, icpt
     return _as_linear(w, b, mu, sd)
 
-def _multilabel_probe(z, y, mu, sd, fit) -> nn.Linear:
-    y = y.astype(np.float64)
-    known = ~np.isnan(y)
-    if not np.isin(y[known], (0.0, 1.0)).all(): raise InputError("multi-label targets must be 0, 1 or nan")
-    w, b = np.zeros((y.shape[1], z.shape[1])), np.zeros(y.shape[1])
-    for j in range(y.shape[1]):
-        yj = y[known[:, j], j]
-        if len(np.unique(yj)) == 2:
-            lr = fit(z[known[:, j]], yj.astype(int)); w[j], b[j] = lr.coef_[0], lr.intercept_[0]
-        else:
-            p = (yj.sum() + 0.5) / (len(yj) + 1); b[j] = math.log(p / (1 - p))
-    return _as_linear(w, b, mu, sd)
+def fit_linear_probes(
+    problems: Sequence[tuple[np.ndarray, np.ndarray]],  # (features N×D, labels) of each probe: one N, D, label kind
+    seeds: Sequence[int],  # the seed of each probe
+    num_classes: int | None = None,  # classification outputs; default: largest label + 1 (the same for all)
+    epochs: int = 100, lr: float = 1e-2, weight_decay: float = 1.0, batch_size: int = 32,  # as `fit_linear_probe`
+) -> list[nn.Linear]:
+    "AdamW probes of equal-sized problems, trained together as one batched layer; each as `fit_linear_probe` fits it."
+    if len(problems) != len(seeds) or not problems:
+        raise ConfigError(f"fit_linear_probes needs one seed per problem (and a problem), got {len(problems)} problems "
+                          f"and {len(seeds)} seeds")
+    _check_probe_options("adamw", epochs, lr, weight_decay, batch_size, seeds)
+    prepared = [_probe_problem(x, y, num_classes) for x, y in problems]
+    kinds = sorted({(p[0].shape, p[1].ndim, p[4]) for p in prepared})
+    if len(kinds) > 1:
+        raise InputError(f"fit_linear_probes: the problems differ in size, label kind or outputs {kinds}; "
+                         "fit them separately")
+    w, b = _adamw_fit(np.stack([p[0] for p in prepared]), np.stack([p[1] for p in prepared]), prepared[0][4], seeds,
+                      int(epochs), lr, weight_decay, int(batch_size))
+    return [_as_linear(*(_with_rates(wi, bi, y) if y.ndim == 2 else (wi, bi)), mu, sd)
+            for (_, y, mu, sd, _), wi, bi in zip(prepared, w, b)]
 
 # %% ../nbs/30_evaluation.ipynb #6a40ff60
 RESULT_COLUMNS = ("task", "arm", "setting", "fraction", "seed", "metric", "value")
@@ -198,23 +311,36 @@ def results_frame(rows: Iterable[Mapping]) -> pd.DataFrame:
     if missing: raise DataError(f"results table lacks the columns {missing}; it needs {list(RESULT_COLUMNS)}")
     return df[list(RESULT_COLUMNS)].astype({"fraction": float, "seed": int, "value": float})
 
+def _subset_probes(features: np.ndarray, labels: np.ndarray, subsets: Mapping[tuple[int, float], np.ndarray],
+                   solver: str = "adamw", **options) -> dict[tuple[int, float], nn.Linear]:
+    "One probe per subset, seeded by the subset's seed; AdamW probes of equal-sized subsets are trained together."
+    if "seed" in options: raise ConfigError("the probes are seeded with their subsets' seeds; drop seed=")
+    if solver != "adamw":
+        return {key: fit_linear_probe(features[idx], labels[idx], solver=solver, seed=key[0], **options)
+                for key, idx in subsets.items()}
+    by_size = {}
+    for key, idx in subsets.items(): by_size.setdefault(len(idx), []).append(key)
+    heads = {}
+    for keys in by_size.values():  # at one fraction every seed's subset has the same size
+        heads.update(zip(keys, fit_linear_probes([(features[subsets[k]], labels[subsets[k]]) for k in keys],
+                                                 [k[0] for k in keys], **options)))
+    return {key: heads[key] for key in subsets}
+
 def probe_benchmark(
     train_features: np.ndarray, train_labels: np.ndarray,  # frozen features and targets of the whole training set
     test_features: np.ndarray, test_labels: np.ndarray,  # ... and of the test set
     subsets: Mapping[tuple[int, float], np.ndarray],  # from `nested_subsets`
     metrics: Mapping[str, Callable[[np.ndarray, np.ndarray], float]],  # name -> metric(targets, probabilities)
     task: str, arm: str,  # written into the results table
-    **probe_kwargs,  # passed to `fit_linear_probe` (e.g. C)
+    **probe_kwargs,  # passed to `fit_linear_probe` (solver, epochs, lr, ...); a probe's seed is its subset's
 ) -> pd.DataFrame:
     "One linear probe per subset, scored on the test set: the frozen-encoder rows of the results table."
     multilabel = np.asarray(train_labels).ndim == 2
     if not multilabel: probe_kwargs.setdefault("num_classes", int(max(np.max(train_labels), np.max(test_labels)) + 1))
-    rows = []
-    for (seed, fraction), idx in subsets.items():
-        head = fit_linear_probe(train_features[idx], train_labels[idx], **probe_kwargs)
-        with torch.no_grad():
-            logits = head(torch.as_tensor(np.asarray(test_features), dtype=torch.float32))
-            probs = (logits.sigmoid() if multilabel else logits.softmax(1)).numpy()
+    rows, x_test = [], torch.as_tensor(np.asarray(test_features), dtype=torch.float32)
+    for (seed, fraction), head in _subset_probes(train_features, np.asarray(train_labels), subsets,
+                                                 **probe_kwargs).items():
+        with torch.no_grad(): probs = (head(x_test).sigmoid() if multilabel else head(x_test).softmax(1)).numpy()
         rows += [dict(task=task, arm=arm, setting="frozen", fraction=fraction, seed=seed, metric=name,
                       value=float(fn(test_labels, probs))) for name, fn in metrics.items()]
     return results_frame(rows)
@@ -226,23 +352,37 @@ def fine_tune(
     forward: Callable[[nn.Module, nn.Module, dict], object],  # (blocks, head, batch) -> model output
     loss_fn: Callable[[object, dict], torch.Tensor],  # (output, batch) -> scalar loss
     train_loader: Iterable[dict],  # batches (dicts of tensors); cycled until `steps` batches were used
-    steps: int,  # optimiser steps: a fixed budget, no validation set
+    steps: int,  # optimiser steps: a fixed budget, no validation set (E epochs: E · len(train_loader))
     lr_encoder: float = 1e-5,  # learning rate of every parameter of `blocks`
     lr_head: float = 1e-4,  # learning rate of the head
     weight_decay: float = 0.05,  # AdamW weight decay of both groups
     schedule: str = "constant",  # "constant" or "cosine" (decay to 0 over `steps`)
     device: str | torch.device | None = None,  # default: best available (see `pick_device`)
+    channels_last: bool | None = None,  # channels-last memory format while training; None: on the CPU only
 ) -> list[float]:
     "Train blocks and head together (two AdamW groups, fixed schedule); returns the loss of every step."
     device = pick_device(device)
+    nhwc = _wants_channels_last(channels_last, device)
     blocks.to(device).train(); head.to(device).train()
     for p in chain(blocks.parameters(), head.parameters()): p.requires_grad_(True)
-    groups = [{"params": list(blocks.parameters()), "lr": lr_encoder},
-              {"params": list(head.parameters()), "lr": lr_head}]
-    losses = train_steps(groups, lambda batch: loss_fn(forward(blocks, head, batch), batch), train_loader, steps,
-                         device=device, schedule=schedule, weight_decay=weight_decay, what="fine_tune")
+    with _memory_format(blocks, nhwc):
+        groups = [{"params": list(blocks.parameters()), "lr": lr_encoder},
+                  {"params": list(head.parameters()), "lr": lr_head}]
+        losses = train_steps(groups, lambda batch: loss_fn(forward(blocks, head, batch), batch), train_loader, steps,
+                             device=device, schedule=schedule, weight_decay=weight_decay, what="fine_tune")
     blocks.eval(); head.eval()
     return losses
+
+def relative_change(
+    before: Iterable[torch.Tensor],  # the tensors at the start (e.g. copies of an encoder's parameters)
+    after: Iterable[torch.Tensor],  # the same tensors now, in the same order
+) -> float:
+    "‖θ − θ₀‖ / ‖θ₀‖ over all the tensors together (Euclidean norms): how far training moved the weights."
+    pairs = [(a.detach().double().cpu(), b.detach().double().cpu()) for a, b in zip(after, before, strict=True)]
+    if not pairs: raise InputError("relative_change needs at least one tensor")
+    num = math.sqrt(sum(float(((a - b) ** 2).sum()) for a, b in pairs))
+    den = math.sqrt(sum(float((b ** 2).sum()) for _, b in pairs))
+    return num / den if den > 0 else math.nan
 
 # %% ../nbs/30_evaluation.ipynb #3a826dbe
 def linear_probe_task(
@@ -337,6 +477,20 @@ def paired_ttest(
         r = ttest_rel(a, b)
     return TTest(float(r.statistic), float(r.pvalue), float(d.mean()), len(a))
 
+# %% ../nbs/30_evaluation.ipynb #a7c41d02
+def holm(
+    pvalues: Sequence[float],  # p-values of one family of tests; nan = no test (ignored)
+) -> np.ndarray:
+    "Holm–Bonferroni step-down adjusted p-values, in the input order; nan stays nan and does not count."
+    p = np.asarray(pvalues, dtype=float)
+    if p.ndim != 1: raise InputError(f"holm needs a 1-d sequence of p-values, got shape {p.shape}")
+    ok = np.flatnonzero(~np.isnan(p))
+    if ((p[ok] < 0) | (p[ok] > 1)).any(): raise InputError("holm: p-values must lie in [0, 1]")
+    out, m = np.full(len(p), np.nan), len(ok)
+    order = ok[np.argsort(p[ok], kind="stable")]
+    out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return out
+
 # %% ../nbs/30_evaluation.ipynb #be174f59
 def _select(results: pd.DataFrame, metric: str, setting: str | None) -> pd.DataFrame:
     df = results_frame(results)
@@ -363,7 +517,7 @@ def compare_arms(
     reference: str | None = None,  # the baseline arm; default: the arm appearing last in `results`
     alpha: float = 0.05,  # significance level
 ) -> pd.DataFrame:
-    "Per task and fraction: each arm vs the reference, mean ± sd, paired t-test over seeds."
+    "Per task and fraction: each arm vs the reference, mean ± sd, paired t-test over seeds, Holm across fractions."
     sub = _select(results, metric, setting)
     ref, rows = _reference(sub, reference), []
     for (task, fraction), g in sub.groupby(["task", "fraction"], sort=True):
@@ -379,7 +533,11 @@ def compare_arms(
             rows.append(dict(task=task, fraction=fraction, arm=arm, reference=ref, n=r.n, mean=other.mean(),
                              sd=other.std(), mean_ref=base.mean(), sd_ref=base.std(), diff=r.mean_diff, t=r.t, p=r.p,
                              significant=bool(r.p < alpha)))
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if df.empty: return df
+    df["p_holm"] = df.groupby(["task", "arm"], sort=False).p.transform(holm)  # one family: an arm's fractions
+    df["direction"] = np.where(df.p_holm < alpha, np.where(df["diff"] > 0, "higher", "lower"), "no difference")
+    return df
 
 # %% ../nbs/30_evaluation.ipynb #8951f4b2
 def table1_summary(

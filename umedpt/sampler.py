@@ -5,7 +5,7 @@
 # %% ../nbs/14_sampler.ipynb #dd14df9d
 from __future__ import annotations
 import logging, math, zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
@@ -29,11 +29,12 @@ class SeededSampler(Sampler[int]):
                  seed: int = 0,  # a `TaskSampler` replaces it by a seed derived from its own seed and the task name
                  num_replicas: int = 1,  # data-parallel ranks sharing the dataset
                  rank: int = 0,  # this process's rank in [0, num_replicas)
+                 sample_seeds: bool = False,  # yield (index, seed of that sample in this epoch) pairs instead
                 ):
         if not isinstance(n, (int, np.integer)) or n <= 0: raise ConfigError(f"n must be a positive integer, got {n!r}")
         if not 0 <= rank < num_replicas: raise ConfigError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         self.n, self.shuffle, self.seed, self.num_replicas, self.rank = int(n), shuffle, seed, num_replicas, rank
-        self.epoch, self._start = 0, 0
+        self.epoch, self._start, self.sample_seeds = 0, 0, sample_seeds
 
     def set_epoch(self, epoch: int): self.epoch = int(epoch)
     def skip(self, k: int):
@@ -50,9 +51,31 @@ class SeededSampler(Sampler[int]):
         if total > self.n: order = torch.cat([order, order[: total - self.n]])
         return order[self.rank :: self.num_replicas].tolist()
 
-    def __iter__(self) -> Iterator[int]:
+    def sample_seed(self, index: int) -> int:
+        "The seed of item `index` in the current epoch: a function of (seed, epoch, index) only, on every rank."
+        return stream_seed(self.seed, self.epoch, "sample", int(index))
+
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
         start, self._start = self._start, 0
-        return iter(self.indices()[start:])
+        order = self.indices()[start:]
+        return iter([(i, self.sample_seed(i)) for i in order] if self.sample_seeds else order)
+
+# %% ../nbs/14_sampler.ipynb #aafd6d58
+class _SeededAugment(Dataset):
+    "A map-style dataset whose samples are augmented with a seed that the sampler hands over with each index."
+    def __init__(self, dataset: Dataset, augment: Callable[..., dict]):
+        if not callable(augment): raise ConfigError(f"augment must be callable, got {type(augment).__name__}")
+        self.dataset, self.augment = dataset, augment
+    def __len__(self) -> int: return len(self.dataset)
+    def __getattr__(self, name: str):  # the wrapped dataset's own attributes (classes, ...), but no dunders
+        if name.startswith("__") or name in ("dataset", "augment"): raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        sample = self.dataset[index]
+        return self.augment(sample) if seed is None else self.augment(sample, seed=seed)
+
 
 # %% ../nbs/14_sampler.ipynb #de098470
 def make_loader(
@@ -66,6 +89,7 @@ def make_loader(
     num_replicas: int = 1,  # data-parallel ranks
     rank: int = 0,  # this process's rank
     skip_unreadable: bool = False,  # replace a sample that fails to load by the next index (and log a warning)
+    augment: Callable[..., dict] | None = None,  # per-sample random transform, called as augment(sample, seed=...)
     **kwargs,  # anything else `DataLoader` takes (pin_memory, prefetch_factor, ...)
 ) -> DataLoader:
     "A `DataLoader` whose order a `TaskSampler` seeds per (seed, task, epoch) and fast-forwards without loading data."
@@ -74,7 +98,9 @@ def make_loader(
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if skip_unreadable: dataset = _SkipUnreadable(dataset)
-    sampler = SeededSampler(len(dataset), shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)
+    if augment is not None: dataset = _SeededAugment(dataset, augment)
+    sampler = SeededSampler(len(dataset), shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank,
+                            sample_seeds=augment is not None)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
                       collate_fn=collate_fn, **kwargs)
 

@@ -130,7 +130,7 @@ class Trainer:
                  is_update_step: Callable[[int], bool] | None = None,  # item index -> make an update after it?
                  device: str | torch.device | None = None,  # default: `pick_device()` (cuda > mps > cpu)
                  precision: str = "auto",  # "auto": bf16 autocast on CUDA, fp32 elsewhere; "bf16" (any device); "fp32"
-                 channels_last: bool = False,  # channels-last memory format for the model and the images
+                 channels_last: bool = True,  # channels-last memory format for the model and the images (faster)
                  out_dir: str | Path | None = None,  # where checkpoint.pt, losses.csv and metrics.csv go
                  checkpoint_every: int = 0,  # checkpoint every so many updates (0: only at the end of fit)
                  val_loaders: dict[str, Iterable] | None = None,  # task name -> validation loader

@@ -93,13 +93,10 @@ class PublishedModel:
 
 PUBLISHED: dict[str, PublishedModel] = {
     "umedpt-lite0": PublishedModel(
-        "umedpt-lite0", status="not shipped",
-        description="efficientnet_lite0 shared blocks, cpu pretraining profile (the book's published results)",
-        reason="its pretraining database contains Kvasir-SEG (kvasir_seg_256), whose terms allow research and "
-               "education use only, and the brain-tumour MRI set (brain_tumor_mri_224), whose licence is unclear; "
-               "weights trained on them are not redistributed. Make them yourself: run the "
-               "pretraining chapter (book/experiments/pretraining.ipynb; `make book PROFILE=cpu` runs it), which "
-               "writes book/weights/umedpt-cpu; pass that folder to from_pretrained"),
+        "umedpt-lite0", status="shipped",
+        description="efficientnet_lite0 shared blocks, cpu pretraining profile, seed 0 (the book's published "
+                    "results); pretrained on pediatric chest X-ray, DSB2018 nuclei, BCCD cells, TotalSegmentator CT "
+                    "slices and synthetic shapes"),
 }
 
 # %% ../nbs/21_weights.ipynb #be8473b6
