@@ -87,3 +87,15 @@ def test_published_chapters_show_no_machine_paths():
     for path in sorted((ROOT / "book/executed").glob("*.ipynb")):
         text = path.read_text()
         assert not [m for m in machine if m in text], f"{path.name} shows an absolute path of this machine"
+        assert ".venv/" not in text, f"{path.name} shows a file of the virtualenv (an environment warning)"
+
+
+def test_environment_warnings_are_dropped(tmp_path):
+    import nbformat
+    warn = {"output_type": "stream", "name": "stderr",
+            "text": ".venv/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning: IProgress not found.\n"}
+    keep = {"output_type": "stream", "name": "stderr", "text": "UserWarning: a fixed box\n"}
+    cell = nbformat.v4.new_code_cell("x", outputs=[nbformat.from_dict(warn), nbformat.from_dict(keep)])
+    path = tmp_path / "n.ipynb"; nbformat.write(nbformat.v4.new_notebook(cells=[cell]), path)
+    runner.drop_environment_warnings(path)
+    assert [o.text for o in nbformat.read(path, as_version=4).cells[0].outputs] == [keep["text"]]

@@ -79,6 +79,18 @@ def relative_paths(path: Path, root: Path = ROOT, data: str | None = None) -> No
     for machine, shown in pairs: text = text.replace(machine, shown)
     path.write_text(text)
 
+# Warnings about the interpreter's installation, not about the chapter: they name files inside the virtualenv
+ENVIRONMENT_WARNINGS = ("IProgress not found",)  # tqdm.auto without ipywidgets
+
+def drop_environment_warnings(path: Path) -> None:
+    "Remove stderr outputs of an executed copy that only carry an `ENVIRONMENT_WARNINGS` message (and its source)."
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code": continue
+        cell.outputs = [o for o in cell.outputs if not (o.get("name") == "stderr"
+                                                        and any(w in o.get("text", "") for w in ENVIRONMENT_WARNINGS))]
+    nbformat.write(nb, path)
+
 def hide_injected(path: Path) -> None:
     "Collapse papermill's injected-parameters cell in the book (its values are shown in each chapter's settings)."
     nb = nbformat.read(path, as_version=4)
@@ -107,6 +119,7 @@ def execute(run: Run, profile: str, out_dir: Path, extra: dict | None = None) ->
     pm.execute_notebook(run.notebook, out, parameters=parameters, cwd=str(ROOT),
                         kernel_name="python3", progress_bar=False, request_save_on_cell_execute=False)
     if run.title: set_title(out, run.title)
+    drop_environment_warnings(out)
     hide_injected(out)
     relative_paths(out)
     return out
@@ -121,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(VALUE as JSON or text)")
     ap.add_argument("--list", action="store_true", help="print the runs in order and exit")
     args = ap.parse_args(argv)
+    # the kernels inherit this: no warning about the installation (e.g. tqdm without ipywidgets) reaches the book
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS", "")]
+                                                       + [f"ignore:{w}" for w in ENVIRONMENT_WARNINGS]))
     runs, extra = select(args.only), parse_params(args.param)
     if args.list:
         for r in runs: print(f"{r.name:32s} {r.notebook.relative_to(ROOT)} {r.parameters or ''}")
