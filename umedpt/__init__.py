@@ -26,7 +26,7 @@ _EXPORTS = {  # module -> the names re-exported at package level
     "tasks": ("Task", "ClassificationTask", "MultiLabelTask", "SegmentationTask", "DetectionTask", "create_task"),
     "augment": ("augment_recipe", "SampleAugment", "volume_recipe", "VolumeAugment"),
     "volumes": ("normalize_volume", "NiftiVolumes", "NpzVolumes", "CachedSliceDataset"),
-    "slides": ("SlideReader", "tissue_mask", "CachedPatchDataset"),
+    "slides": ("SlideReader", "tissue_mask", "CachedPatchDataset", "embed_slide"),
     "images": ("read_image", "read_mask", "resize_longer_edge", "pad_to_multiple", "to_channels"),
     "duplicates": ("Fingerprints", "find_duplicates", "nearest_match", "assert_disjoint"),
     "sampler": ("TaskSampler", "make_loader"),
@@ -36,12 +36,13 @@ _EXPORTS = {  # module -> the names re-exported at package level
     "catalogue": ("DATASETS", "open_dataset", "datasets_table",  # the catalogue fills the registry's DATASETS
                   "duplicate_report"),
     "trainer": ("Trainer", "plot_losses"),
-    "weights": ("save_pretrained", "from_pretrained", "publish_weights"),
-    "inference": ("embed_images", "embed_folder"),
+    "weights": ("save_pretrained", "from_pretrained", "publish_weights", "save_task", "load_task"),
+    "inference": ("embed_images", "embed_folder", "evaluate_folder"),
     "evaluation": ("nested_subsets", "extract_embeddings", "fit_linear_probe", "fine_tune", "paired_ttest",
                    "compare_arms", "table1_summary", "plot_scarcity", "linear_probe_task", "fit_probe",
                    "fine_tune_task", "task_results"),
     "benchmark": ("BenchmarkSettings", "run_benchmark", "load_image_set", "build_arm"),
+    "pooling": ("AttentionPooling", "BagClassifier", "fit_bag_classifier", "predict_bags", "score_bags"),
 }
 _ORIGIN = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = frozenset(_EXPORTS) | {"distributed", "cli"}
@@ -74,7 +75,7 @@ if TYPE_CHECKING:  # what static tools see; kept equal to _EXPORTS by a test
     from .tasks import Task, ClassificationTask, MultiLabelTask, SegmentationTask, DetectionTask, create_task
     from .augment import augment_recipe, SampleAugment, volume_recipe, VolumeAugment
     from .volumes import normalize_volume, NiftiVolumes, NpzVolumes, CachedSliceDataset
-    from .slides import SlideReader, tissue_mask, CachedPatchDataset
+    from .slides import SlideReader, tissue_mask, CachedPatchDataset, embed_slide
     from .images import read_image, read_mask, resize_longer_edge, pad_to_multiple, to_channels
     from .duplicates import Fingerprints, find_duplicates, nearest_match, assert_disjoint
     from .sampler import TaskSampler, make_loader
@@ -83,10 +84,11 @@ if TYPE_CHECKING:  # what static tools see; kept equal to _EXPORTS by a test
     from .registry import DatasetCard, register_dataset, check_dataset, fingerprint_dataset
     from .catalogue import DATASETS, open_dataset, datasets_table, duplicate_report
     from .trainer import Trainer, plot_losses
-    from .weights import save_pretrained, from_pretrained, publish_weights
-    from .inference import embed_images, embed_folder
+    from .weights import save_pretrained, from_pretrained, publish_weights, save_task, load_task
+    from .inference import embed_images, embed_folder, evaluate_folder
     from .evaluation import (nested_subsets, extract_embeddings, fit_linear_probe, fine_tune, paired_ttest,
                              compare_arms, table1_summary, plot_scarcity, linear_probe_task, fit_probe,
                              fine_tune_task, task_results)
     from .benchmark import BenchmarkSettings, run_benchmark, load_image_set, build_arm
+    from .pooling import AttentionPooling, BagClassifier, fit_bag_classifier, predict_bags, score_bags
 

@@ -15,7 +15,8 @@ from .core import ConfigError, DataError, DataRootError, check_sample
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'BAD_BOX_POLICIES', 'read_image', 'read_mask', 'to_channels', 'resize_longer_edge',
-           'pad_to_multiple', 'as_sample_transform', 'sanitize_boxes', 'list_images', 'boxes_from_mask', 'SamplePrep']
+           'resize_square', 'pad_to_multiple', 'as_sample_transform', 'sanitize_boxes', 'list_images',
+           'boxes_from_mask', 'SamplePrep']
 
 # %% ../nbs/13_images.ipynb #aae7a640
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -87,9 +88,21 @@ def resize_longer_edge(
     h, w = sample["image"].shape[-2:]
     scale = size / max(h, w)
     if scale == 1 or (scale > 1 and not upscale): return dict(sample)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    return _resize_to(sample, max(1, round(h * scale)), max(1, round(w * scale)))
+
+def resize_square(
+    sample: dict,  # a sample in the umedpt convention
+    size: int,  # the image becomes size × size pixels
+) -> dict:
+    "Resize to `size`×`size` whatever the aspect ratio (the paper's fixed-size ablation): mask and boxes follow."
+    if not isinstance(size, (int, np.integer)) or size < 1:
+        raise ConfigError(f"size must be a positive int, got {size!r}")
+    return dict(sample) if tuple(sample["image"].shape[-2:]) == (size, size) else _resize_to(sample, size, size)
+
+def _resize_to(sample: dict, nh: int, nw: int) -> dict:
+    h, w = sample["image"].shape[-2:]
     out = dict(sample, image=F.interpolate(sample["image"][None], (nh, nw), mode="bilinear", align_corners=False,
-                                           antialias=scale < 1)[0].clamp(0, 1))
+                                           antialias=nh < h or nw < w)[0].clamp(0, 1))
     if "mask" in sample:
         out["mask"] = F.interpolate(sample["mask"][None, None].float(), (nh, nw), mode="nearest-exact")[0, 0].long()
     if "boxes" in sample:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/23_inference.ipynb #3bc1d578
 from __future__ import annotations
-import sys
+import json, sys
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from .core import ConfigError, DataError, InputError, atomic_write, pick_device
 from .images import IMAGE_EXTENSIONS, list_images, pad_to_multiple, read_image, resize_longer_edge, to_channels
-from .weights import from_pretrained
+from .weights import from_pretrained, load_task
 
 # %% auto #0
-__all__ = ['OUT_FORMATS', 'load_image', 'embed_images', 'embed_folder']
+__all__ = ['OUT_FORMATS', 'LAYOUT_OF', 'load_image', 'embed_images', 'embed_folder', 'open_for_task', 'evaluate_folder']
 
 # %% ../nbs/23_inference.ipynb #03e6726a
 def _read_tiff(path: Path) -> np.ndarray:
@@ -168,3 +168,82 @@ def embed_folder(
             bar.update(1)
     _write_table(_embedding_table(files, images, rows, blocks.embed_dim), out)
     return len(rows), failed
+
+# %% ../nbs/23_inference.ipynb #503e4bcc
+LAYOUT_OF = {"classification": "classes", "segmentation": "masks", "detection": "voc"}  # task label type -> layout
+_JPEG = (".jpg", ".jpeg")
+
+def _mask_suffix(masks: Path) -> str | None:
+    "The one suffix all mask files share (None if the folder is missing, empty or mixed)."
+    suffixes = {p.suffix.lower() for p in masks.iterdir() if p.is_file() and not p.name.startswith(".")} \
+        if masks.is_dir() else set()
+    return suffixes.pop() if len(suffixes) == 1 else None
+
+def _mask_options(folder: Path, options: dict, mask_threshold: int | None) -> dict:
+    "Options of a `masks` folder: the mask suffix found on disk, and the threshold JPEG masks need."
+    masks = folder / options.get("masks", "masks")
+    suffix = options.setdefault("mask_suffix", _mask_suffix(masks) or ".png")
+    if mask_threshold is not None: options["mask_threshold"] = mask_threshold
+    elif suffix.lower() in _JPEG:
+        raise ConfigError(f"{masks}: the masks are JPEG (lossy), so they need a threshold: pass mask_threshold "
+                          "(--mask-threshold), e.g. 127 for masks stored as 0/255")
+    return options
+
+# %% ../nbs/23_inference.ipynb #12fbe0bd
+def open_for_task(
+    task: nn.Module,  # a umedpt task (its label type and classes decide how the folder is read)
+    folder: str | Path,  # the labelled folder
+    layout: str | None = None,  # "classes", "masks" or "voc"; default by the task's label type (`LAYOUT_OF`)
+    mask_threshold: int | None = None,  # masks layout: a pixel is foreground when its grey value is above this
+    channels: int = 3,  # image channels the blocks expect
+    **options,  # further options of the layout (`open_folder`), e.g. split="test", size=512
+):
+    "The folder as a dataset labelled in the task's classes, ready for `task.evaluate`."
+    from umedpt.adapters import open_folder
+    label_type, folder = task.label_type, Path(folder)
+    if label_type not in LAYOUT_OF: raise ConfigError(f"no folder layout reads {label_type} labels; use a Dataset")
+    layout = layout or LAYOUT_OF[label_type]
+    if mask_threshold is not None and layout != "masks":
+        raise ConfigError(f"mask_threshold applies to the masks layout, not {layout!r}")
+    options = {"channels": channels, **options}
+    if layout == "masks":
+        options = _mask_options(folder, options, mask_threshold)
+        options["classes"] = ["background", *task.classes] if label_type == "detection" else list(task.classes)
+        if label_type == "detection": options["label_type"] = "detection"
+    else: options["classes"] = list(task.classes)
+    return open_folder(folder, layout, **options)
+
+# %% ../nbs/23_inference.ipynb #5278473b
+def _write_metrics(out: Path, record: dict) -> None:
+    if out.suffix.lower() not in (".json", ".csv"): raise ConfigError(f"--out {out}: unknown format; use .json or .csv")
+    with atomic_write(out) as tmp:
+        if out.suffix.lower() == ".json": tmp.write_text(json.dumps(record, indent=2))
+        else: tmp.write_text("metric,value\n" + "".join(f"{k},{v!r}\n" for k, v in record["metrics"].items()))
+
+def evaluate_folder(
+    model: str | Path,  # a folder written by `umedpt.weights.save_task`
+    data: str | Path,  # a labelled folder in the layout of the task (see above)
+    layout: str | None = None,  # "classes", "masks" or "voc"; default by the task's label type
+    mask_threshold: int | None = None,  # masks stored as JPEG: foreground where the grey value is above this
+    batch_size: int = 8,  # images per forward pass
+    device: str | None = None,  # default: best available
+    out: str | Path | None = None,  # also write the metrics: .json or .csv
+    progress: bool = True,  # tqdm bar on stderr
+    **options,  # options of the layout, e.g. split="test" (voc), size=512 (shrink longer edge), images="imgs"
+) -> dict[str, float]:
+    "Score a saved fine-tuned task on a labelled folder with the task's own metrics; returns metric -> value."
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+    from umedpt.core import collate_samples
+    _check_batch_size(batch_size, "--batch-size")
+    if out is not None and Path(out).suffix.lower() not in (".json", ".csv"):
+        raise ConfigError(f"--out {out}: unknown format; use .json or .csv")
+    blocks, task = load_task(model, device=device)
+    dataset = open_for_task(task, data, layout, mask_threshold, _in_chans(blocks), **options)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_samples)
+    bar = tqdm(loader, unit="batch", desc=f"evaluate {task.name}", file=sys.stderr, disable=not progress)
+    metrics = {k: float(v) for k, v in task.evaluate(bar, blocks).items()}
+    if out is not None:
+        _write_metrics(Path(out), {"model": str(model), "data": str(data), "task": task.name,
+                                   "label_type": task.label_type, "samples": len(dataset), "metrics": metrics})
+    return metrics

@@ -112,6 +112,27 @@ PRECISIONS = ("auto", "bf16", "fp32")  # `Trainer(precision=...)`: autocast dtyp
 _MAX_BAD_IN_A_ROW = 100  # so many failed batches in a row stop training even with "skip" (the data is gone)
 _log = logging.getLogger("umedpt.trainer")
 
+def _param_groups(model: MultiTaskModel, lr: float, encoder_lr: float | None) -> list[dict]:
+    "AdamW parameter groups: everything at `lr`, or the shared encoder at `encoder_lr` and the rest at `lr`."
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if encoder_lr is None: return [{"params": [p for _, p in params]}]
+    if not isinstance(encoder_lr, (int, float)) or encoder_lr <= 0:
+        raise ConfigError(f"encoder_lr must be a positive number or None, got {encoder_lr!r}")
+    if not isinstance(getattr(model.blocks, "encoder", None), nn.Module):
+        raise ConfigError("encoder_lr needs shared blocks with an `encoder` module (see SharedBlocks)")
+    enc = [p for n, p in params if n.startswith("blocks.encoder.")]
+    # the first group is the base rate's (Trainer.lr reports it); the scheduler scales both alike
+    return [{"params": [p for n, p in params if not n.startswith("blocks.encoder.")]},
+            {"params": enc, "lr": float(encoder_lr)}]
+
+def _averaged(model: nn.Module, ema: float | None):
+    "An exponential moving average of `model`'s weights and buffers (torch's AveragedModel), or None."
+    if ema is None: return None
+    if not isinstance(ema, (int, float)) or not 0 <= ema < 1:
+        raise ConfigError(f"ema must be a decay in [0, 1) or None, got {ema!r}")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(ema)), use_buffers=True)
+
 
 # %% ../nbs/20_trainer.ipynb #1dde73a3
 class Trainer:
@@ -127,6 +148,8 @@ class Trainer:
                  total_steps: int | None = None,  # cosine horizon; default: `steps` of the first `fit`
                  min_lr_ratio: float = 0.0,  # final learning rate as a fraction of `lr`
                  clip_grad_norm: float | None = None,  # clip the accumulated gradient to this norm
+                 encoder_lr: float | None = None,  # learning rate of `blocks.encoder` (None: `lr`)
+                 ema: float | None = None,  # decay of a moving average of all weights, updated every step (None: off)
                  is_update_step: Callable[[int], bool] | None = None,  # item index -> make an update after it?
                  device: str | torch.device | None = None,  # default: `pick_device()` (cuda > mps > cpu)
                  precision: str = "auto",  # "auto": bf16 autocast on CUDA, fp32 elsewhere; "bf16" (any device); "fp32"
@@ -153,14 +176,14 @@ class Trainer:
                                   f"the trainer's tasks {self.names}")
         round_size = getattr(sampler, "round_size", len(self.names))
         self.is_update_step = is_update_step or (lambda item: (item + 1) % round_size == 0)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, lr, encoder_lr), lr=lr, weight_decay=weight_decay)
         self.scheduler, self._schedule = None, (warmup_steps, total_steps, min_lr_ratio, schedule == "cosine")
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.clip_grad_norm, self.progress, self.on_bad_batch = clip_grad_norm, progress, on_bad_batch
         self.precision, self.channels_last = precision, channels_last
         if channels_last: self.model.to(memory_format=torch.channels_last)
+        self.ema_model = _averaged(self.model, ema)
         self.val_loaders, self.eval_every, self.checkpoint_every = dict(val_loaders or {}), eval_every, checkpoint_every
         ddp = dist.is_available() and dist.is_initialized()
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
@@ -201,7 +224,8 @@ class Trainer:
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                  "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
-                 "rng": rng_state(), "skipped_batches": self.skipped_batches}
+                 "rng": rng_state(), "skipped_batches": self.skipped_batches,
+                 "ema": self.ema_model.state_dict() if self.ema_model is not None else None}
         with atomic_write(path) as tmp: torch.save(state, tmp)
         return Path(path)
 
@@ -213,6 +237,10 @@ class Trainer:
         if state["tasks"] != self.names:
             raise ConfigError(f"checkpoint {path} is for tasks {state['tasks']}, this trainer has {self.names}")
         self.model.load_state_dict(state["model"])
+        if (state.get("ema") is None) != (self.ema_model is None):
+            raise ConfigError(f"checkpoint {path} was written with{'out' if state.get('ema') is None else ''} a "
+                              f"weight average (ema), this trainer has {'one' if self.ema_model else 'none'}")
+        if self.ema_model is not None: self.ema_model.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state["scheduler"] is not None and self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -250,7 +278,14 @@ class Trainer:
             if not torch.isfinite(norm):
                 raise TrainingError(f"non-finite gradient norm ({norm.item()}) at step {self.step + 1}")
         self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
+        if self.ema_model is not None: self.ema_model.update_parameters(self.model)
         self.step += 1
+
+    @property
+    def averaged_blocks(self) -> nn.Module:
+        "The shared blocks of the weight average (`ema`), a copy the training loop updates after every step."
+        if self.ema_model is None: raise ConfigError("averaged_blocks: this trainer keeps no average (ema=None)")
+        return self.ema_model.module.blocks
 
     def _next_batch(self, items: Iterator) -> tuple[str, object]:
         "The sampler's next `(task, batch)`; with `on_bad_batch='skip'` a batch that fails to load is logged, skipped."

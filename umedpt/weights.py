@@ -12,7 +12,8 @@ from .core import ConfigError, DataError, atomic_write, pick_device
 
 # %% auto #0
 __all__ = ['WEIGHTS_NAME', 'CONFIG_NAME', 'CARD_NAME', 'FORMAT', 'PRETRAINED_DIR', 'PUBLISHED', 'SYNTHETIC', 'INTENDED_USE',
-           'save_pretrained', 'read_config', 'PublishedModel', 'from_pretrained', 'publish_weights']
+           'TASK_WEIGHTS_NAME', 'TASK_CONFIG_NAME', 'TASK_FORMAT', 'save_pretrained', 'read_config', 'PublishedModel',
+           'from_pretrained', 'publish_weights', 'save_task', 'load_task']
 
 # %% ../nbs/21_weights.ipynb #3abeaf27
 WEIGHTS_NAME, CONFIG_NAME, CARD_NAME = "model.safetensors", "config.json", "MODEL_CARD.md"
@@ -228,3 +229,73 @@ def publish_weights(
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         (tmp / CARD_NAME).write_text(_model_card(name, config, rows, sha256, results, extra_card))
     return dest
+
+# %% ../nbs/21_weights.ipynb #9386b2c1
+TASK_WEIGHTS_NAME, TASK_CONFIG_NAME, TASK_FORMAT = "task.safetensors", "task.json", "umedpt-task"
+
+def _task_options(task: nn.Module) -> dict:
+    "Constructor options beyond (name, classes, sizes) that rebuild the task's head as it is."
+    if task.label_type == "detection":
+        return {"num_convs": sum(isinstance(m, nn.Conv2d) for m in task.head.cls_tower),
+                "score_thresh": float(task.score_thresh)}
+    return {}
+
+def _task_config(task: nn.Module, extra: dict | None) -> str:
+    from umedpt.tasks import TASK_TYPES
+    if getattr(task, "label_type", None) not in TASK_TYPES:
+        raise ConfigError(f"save_task needs a umedpt task ({', '.join(TASK_TYPES)}), got {type(task).__name__}")
+    config = {"format": TASK_FORMAT, "label_type": task.label_type, "name": task.name, "classes": list(task.classes),
+              "options": _task_options(task), "extra": extra or {}}
+    try: return json.dumps(config, indent=2)
+    except TypeError as e: raise ConfigError(f"save_task: `extra` must be JSON-serialisable ({e})") from None
+
+# %% ../nbs/21_weights.ipynb #186afff9
+def save_task(
+    blocks: nn.Module,  # the (fine-tuned) shared blocks
+    task: nn.Module,  # the umedpt task trained on them (`create_task`, `linear_probe_task`)
+    path: str | Path,  # folder to write; created, or replaced if it holds a previous save
+    extra: dict | None = None,  # JSON-serialisable metadata stored in task.json (e.g. data, steps, input size)
+) -> Path:
+    "Write the blocks (as `save_pretrained`) and the task (`task.safetensors` + `task.json`) to a folder, atomically."
+    from safetensors.torch import save_file
+    path, text = Path(path), _task_config(task, extra)
+    _check_target(path, "save_task", (WEIGHTS_NAME, CONFIG_NAME, TASK_WEIGHTS_NAME, TASK_CONFIG_NAME))
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in task.state_dict().items()}
+    with atomic_write(path) as tmp:
+        save_pretrained(blocks, tmp, extra={"task": task.name})
+        save_file(state, tmp / TASK_WEIGHTS_NAME, metadata={"format": "pt", "umedpt": TASK_FORMAT})
+        (tmp / TASK_CONFIG_NAME).write_text(text)
+    return path
+
+# %% ../nbs/21_weights.ipynb #afbfde0f
+def _read_task_config(path: Path) -> dict:
+    file = path / TASK_CONFIG_NAME
+    if not file.is_file(): raise DataError(f"{file}: no such file; is {path} a folder written by save_task?")
+    try: config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise DataError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != TASK_FORMAT or \
+            not all(k in config for k in ("label_type", "name", "classes")):
+        raise DataError(f"{file}: not a umedpt task config (format {TASK_FORMAT!r}, label_type, name, classes)")
+    return config
+
+def load_task(
+    path: str | Path,  # a folder written by `save_task`
+    device: str | torch.device | None = None,  # default: best available (`pick_device`)
+) -> tuple[nn.Module, nn.Module]:
+    "(blocks, task) from a `save_task` folder, both in eval mode on `device`; tensors loaded strictly, no pickle."
+    from safetensors.torch import load_file
+    from umedpt.tasks import create_task
+    path = Path(path)
+    blocks = from_pretrained(path, device="cpu")
+    config, weights = _read_task_config(path), path / TASK_WEIGHTS_NAME
+    try: task = create_task(config["label_type"], config["name"], config["classes"], blocks,
+                            **config.get("options", {}))
+    except (ConfigError, TypeError) as e: raise DataError(f"{path / TASK_CONFIG_NAME}: cannot rebuild the task ({e})")
+    if not weights.is_file(): raise DataError(f"{weights}: no such file; the task weights of {path} are missing")
+    try: state = load_file(weights, device="cpu")
+    except Exception as e: raise DataError(f"{weights}: not a readable safetensors file ({e})") from None
+    expected = task.state_dict()
+    _check_state(expected, state, weights)
+    task.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    device = pick_device(device)
+    return blocks.to(device).eval(), task.to(device).eval()
