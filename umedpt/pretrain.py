@@ -67,10 +67,11 @@ class PretrainConfig:
         if not self.tasks: raise ConfigError("PretrainConfig.tasks is empty: name at least one task")
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names): raise ConfigError(f"PretrainConfig.tasks: task names repeat: {names}")
-        for key in ("encoder_lr", "ema"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-                raise ConfigError(f"PretrainConfig.{key} must be a non-negative number or null, got {value!r}")
+        for key, ok, what in (("encoder_lr", lambda v: v > 0, "a positive number"),
+                              ("ema", lambda v: 0 <= v < 1, "a decay in [0, 1)")):  # the Trainer's rules, checked
+            value = getattr(self, key)                                       # before any data is opened
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value)):
+                raise ConfigError(f"PretrainConfig.{key} must be {what} or null, got {value!r}")
         for key in ("size", "batch", "steps"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -118,6 +119,7 @@ def build_task_data(
 ):
     "The dataset of one pretraining task (its `split`, default the training split), seeded and capped."
     from functools import partial
+    from torch.utils.data import IterableDataset
     from umedpt.images import resize_square
     from umedpt.shapes import ShapesDataset
     split = split or task.split
@@ -133,7 +135,6 @@ def build_task_data(
     from umedpt.catalogue import open_dataset
     transform = dict(transform=partial(resize_square, size=size)) if square else {}
     ds = open_dataset(task.source, split, size=size, **transform, **task.options)
-    from torch.utils.data import IterableDataset
     return ds if isinstance(ds, IterableDataset) else _subset(ds, n, seed)  # a stream is as long as its options say
 
 def task_augment(task: PretrainTask):
