@@ -38,6 +38,11 @@ BENCHMARK_TASKS = {  # benchmark target task -> page title suffix
     "breastmnist": "BreastMNIST ultrasound (out-of-domain)",
     "adrenalmnist3d": "AdrenalMNIST3D CT (out-of-domain)",
 }
+DENSE_TASKS = {  # dense benchmark target -> page title suffix
+    "kvasir_polyps": "Kvasir-SEG polyp segmentation (out-of-domain, PolypSeg)",
+    "bccd_cells": "BCCD blood-cell detection (in-domain)",
+    "dsb2018_nuclei": "DSB2018 nucleus detection (in-domain, NucleiDet)",
+}
 RUNS = [
     Run("shapes_classifier"),
     Run("loaders_benchmark"),
@@ -48,6 +53,9 @@ RUNS = [
       for k in PRETRAINING_SEEDS[1:]],
     *[Run(f"benchmark_{task}", "benchmark", {"task": task}, f"Data-scarcity benchmark: {title}")
       for task, title in BENCHMARK_TASKS.items()],
+    *[Run(f"dense_benchmark_{task}", "dense_benchmark", {"task": task}, f"Dense benchmark: {title}")
+      for task, title in DENSE_TASKS.items()],
+    Run("volume_benchmark", title="3D by slices: AdrenalMNIST3D at 64³ (out-of-domain)"),
     Run("findings"),
 ]
 

@@ -16,7 +16,7 @@ _EXPORTS = {  # module -> the names re-exported at package level
              "to_device"),
     "shapes": ("ShapesDataset",),
     "encoders": ("ENCODERS", "Encoder", "create_encoder", "global_embedding"),
-    "norms": ("swap_norms", "SampleLayerNorm"),
+    "norms": ("swap_norms", "SampleLayerNorm", "batch_norm_statistics"),
     "blocks": ("BlocksConfig", "SharedBlocks"),
     "fcos": ("FCOSHead", "FCOSLoss", "decode_detections", "fcos_targets"),
     "losses": ("ClassificationHead", "MultiLabelHead", "SegmentationHead", "ClassificationLoss", "MultiLabelLoss",
@@ -40,7 +40,7 @@ _EXPORTS = {  # module -> the names re-exported at package level
     "inference": ("embed_images", "embed_folder", "evaluate_folder"),
     "evaluation": ("nested_subsets", "extract_embeddings", "fit_linear_probe", "fine_tune", "paired_ttest",
                    "compare_arms", "table1_summary", "plot_scarcity", "linear_probe_task", "fit_probe",
-                   "fine_tune_task", "task_results"),
+                   "fine_tune_task", "task_results", "claim_verdict"),
     "benchmark": ("BenchmarkSettings", "run_benchmark", "load_image_set", "build_arm"),
     "pooling": ("AttentionPooling", "BagClassifier", "fit_bag_classifier", "predict_bags", "score_bags"),
 }
@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # what static tools see; kept equal to _EXPORTS by a test
                        to_device)
     from .shapes import ShapesDataset
     from .encoders import ENCODERS, Encoder, create_encoder, global_embedding
-    from .norms import swap_norms, SampleLayerNorm
+    from .norms import swap_norms, SampleLayerNorm, batch_norm_statistics
     from .blocks import BlocksConfig, SharedBlocks
     from .fcos import FCOSHead, FCOSLoss, decode_detections, fcos_targets
     from .losses import (ClassificationHead, MultiLabelHead, SegmentationHead, ClassificationLoss, MultiLabelLoss,
@@ -88,7 +88,7 @@ if TYPE_CHECKING:  # what static tools see; kept equal to _EXPORTS by a test
     from .inference import embed_images, embed_folder, evaluate_folder
     from .evaluation import (nested_subsets, extract_embeddings, fit_linear_probe, fine_tune, paired_ttest,
                              compare_arms, table1_summary, plot_scarcity, linear_probe_task, fit_probe,
-                             fine_tune_task, task_results)
+                             fine_tune_task, task_results, claim_verdict)
     from .benchmark import BenchmarkSettings, run_benchmark, load_image_set, build_arm
     from .pooling import AttentionPooling, BagClassifier, fit_bag_classifier, predict_bags, score_bags
 

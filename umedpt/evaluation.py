@@ -17,10 +17,10 @@ from torch import nn
 from .core import ConfigError, DataError, InputError, atomic_write, pick_device, train_steps
 
 # %% auto #0
-__all__ = ['FRACTIONS', 'PROBE_SOLVERS', 'RESULT_COLUMNS', 'SETTINGS', 'nested_subsets', 'cached_features', 'extract_embeddings',
-           'fit_linear_probe', 'fit_linear_probes', 'results_frame', 'probe_benchmark', 'fine_tune', 'relative_change',
-           'linear_probe_task', 'fit_probe', 'fine_tune_task', 'task_results', 'TTest', 'paired_ttest', 'holm',
-           'compare_arms', 'table1_summary', 'plot_scarcity']
+__all__ = ['FRACTIONS', 'PROBE_SOLVERS', 'RESULT_COLUMNS', 'SETTINGS', 'VERDICTS', 'nested_subsets', 'cached_features',
+           'extract_embeddings', 'fit_linear_probe', 'fit_linear_probes', 'results_frame', 'probe_benchmark',
+           'fine_tune', 'relative_change', 'linear_probe_task', 'fit_probe', 'fine_tune_task', 'task_results', 'TTest',
+           'paired_ttest', 'holm', 'compare_arms', 'claim_verdict', 'table1_summary', 'plot_scarcity']
 
 # %% ../nbs/30_evaluation.ipynb #aebd1509
 FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -356,18 +356,26 @@ def fine_tune(
     lr_encoder: float = 1e-5,  # learning rate of every parameter of `blocks`
     lr_head: float = 1e-4,  # learning rate of the head
     weight_decay: float = 0.05,  # AdamW weight decay of both groups
+    lr_decoders: float | None = None,  # learning rate of the parameters of `blocks` outside `blocks.encoder` (None:
+                                      # `lr_encoder`); e.g. decoders that start untrained need the head's rate
     schedule: str = "constant",  # "constant" or "cosine" (decay to 0 over `steps`)
     device: str | torch.device | None = None,  # default: best available (see `pick_device`)
     channels_last: bool | None = None,  # channels-last memory format while training; None: on the CPU only
 ) -> list[float]:
-    "Train blocks and head together (two AdamW groups, fixed schedule); returns the loss of every step."
+    "Train blocks and head together (AdamW groups, fixed schedule); returns the loss of every step."
+    if lr_decoders is not None and not hasattr(blocks, "encoder"):
+        raise ConfigError("fine_tune: lr_decoders needs blocks with an `encoder` (e.g. SharedBlocks)")
     device = pick_device(device)
     nhwc = _wants_channels_last(channels_last, device)
     blocks.to(device).train(); head.to(device).train()
     for p in chain(blocks.parameters(), head.parameters()): p.requires_grad_(True)
     with _memory_format(blocks, nhwc):
-        groups = [{"params": list(blocks.parameters()), "lr": lr_encoder},
-                  {"params": list(head.parameters()), "lr": lr_head}]
+        if lr_decoders is None: groups = [{"params": list(blocks.parameters()), "lr": lr_encoder}]
+        else:
+            enc = {id(p) for p in blocks.encoder.parameters()}
+            groups = [{"params": [p for p in blocks.parameters() if id(p) in enc], "lr": lr_encoder},
+                      {"params": [p for p in blocks.parameters() if id(p) not in enc], "lr": lr_decoders}]
+        groups.append({"params": list(head.parameters()), "lr": lr_head})
         losses = train_steps(groups, lambda batch: loss_fn(forward(blocks, head, batch), batch), train_loader, steps,
                              device=device, schedule=schedule, weight_decay=weight_decay, what="fine_tune")
     blocks.eval(); head.eval()
@@ -538,6 +546,29 @@ def compare_arms(
     df["p_holm"] = df.groupby(["task", "arm"], sort=False).p.transform(holm)  # one family: an arm's fractions
     df["direction"] = np.where(df.p_holm < alpha, np.where(df["diff"] > 0, "higher", "lower"), "no difference")
     return df
+
+# %% ../nbs/30_evaluation.ipynb #42c8f546
+VERDICTS = ("confirmed", "not confirmed at this scale", "contradicted")
+
+def claim_verdict(
+    claimed: Sequence[float],  # scores of the variant the claim favours (the paper's choice), one per paired unit
+    other: Sequence[float],  # the alternative's scores of the same units, in the same order
+    groups: Sequence | None = None,  # each unit's replicate (e.g. pretraining seed): the sign must hold in every one
+    higher_is_better: bool = True,  # False for spreads, losses and errors
+    alpha: float = 0.05,  # significance level
+) -> dict:
+    "Is `claimed` better than `other` on paired units? Mean advantage, paired t-test, and one of `VERDICTS`."
+    a, b = np.asarray(claimed, dtype=float), np.asarray(other, dtype=float)
+    r = paired_ttest(a, b) if higher_is_better else paired_ttest(b, a)  # checks shapes, length and finiteness
+    adv = (a - b) if higher_is_better else (b - a)
+    groups = np.zeros(len(a)) if groups is None else np.asarray(groups)
+    if groups.shape != a.shape: raise InputError(f"groups must give one group per unit ({len(a)}), got {groups.shape}")
+    by_group = pd.Series(adv).groupby(groups).mean()
+    significant = bool(r.p < alpha)  # nan (all differences equal) is never significant
+    verdict = VERDICTS[0] if significant and r.mean_diff > 0 and (by_group > 0).all() else \
+        VERDICTS[2] if significant and r.mean_diff < 0 and (by_group < 0).all() else VERDICTS[1]
+    return {"advantage": r.mean_diff, "t": r.t, "p": r.p, "n": r.n, "groups": len(by_group),
+            "groups_in_favour": int((by_group > 0).sum()), "verdict": verdict}
 
 # %% ../nbs/30_evaluation.ipynb #8951f4b2
 def table1_summary(

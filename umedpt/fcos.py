@@ -175,6 +175,19 @@ class FCOSTargets:
     @property
     def positive(self) -> Tensor: return self.labels >= 0
 
+    def to(self, device) -> FCOSTargets:
+        "The same targets on `device`."
+        return FCOSTargets(*(getattr(self, k).to(device) for k in ("labels", "boxes", "ltrb", "centerness", "matched")),
+                           unassigned=self.unassigned)
+
+    @staticmethod
+    def cat(parts: Sequence[FCOSTargets]) -> FCOSTargets:
+        "The targets of several batches (e.g. single images, computed once and reused) as one batch."
+        if not parts: raise InputError("FCOSTargets.cat needs at least one part")
+        keys = ("labels", "boxes", "ltrb", "centerness", "matched")
+        return FCOSTargets(*(torch.cat([getattr(t, k) for t in parts]) for k in keys),
+                           unassigned=sum(t.unassigned for t in parts))
+
 def _assign_one(grid: FCOSGrid, boxes: Tensor, lo: Tensor, hi: Tensor, center_radius: float | None):
     "Index of the box each location is assigned to (-1 = none), and the N×M×4 distances to all boxes."
     x, y = grid.points[:, :1], grid.points[:, 1:]
@@ -281,13 +294,17 @@ class FCOSLoss(nn.Module):
                    boxes: Sequence[Tensor],  # per image: M×4 xyxy boxes in pixels
                    labels: Sequence[Tensor],  # per image: M class indices
                    image_sizes: Tensor | Sequence[tuple[int, int]],  # per image: unpadded (height, width)
+                   targets: FCOSTargets | None = None,  # precomputed `self.targets(...)` of these boxes (fixed boxes)
                   ) -> dict[str, Tensor]:
         "The raw terms `cls`, `box`, `centerness` and the weighted total `loss`."
         if out.cls_logits.shape[-1] != self.num_classes:
             raise InputError(f"FCOSLoss for {self.num_classes} classes got {out.cls_logits.shape[-1]} class logits")
         if len(boxes) != len(out.cls_logits):
             raise InputError(f"{len(out.cls_logits)} predictions but {len(boxes)} box tensors")
-        t = fcos_targets(out.grid, boxes, labels, image_sizes, self.num_classes, self.size_ranges, self.center_radius)
+        t = targets if targets is not None else self.targets(out.grid, boxes, labels, image_sizes)
+        if tuple(t.labels.shape) != tuple(out.cls_logits.shape[:2]):
+            raise InputError(f"precomputed targets are for {tuple(t.labels.shape)} (images × locations), the "
+                             f"predictions for {tuple(out.cls_logits.shape[:2])}")
         pos, logits = t.positive, out.cls_logits.float()
         onehot = F.one_hot(t.labels.clamp(min=0), self.num_classes).to(logits) * pos[..., None]
         cls = sigmoid_focal_loss(logits, onehot, self.alpha, self.gamma, reduction="sum") / pos.sum().clamp(min=1)
@@ -301,10 +318,15 @@ class FCOSLoss(nn.Module):
         else: loss = (cls / self.cls_norm + box + ctr / math.log(2)) / 3
         return {"loss": loss, "cls": cls, "box": box, "centerness": ctr}
 
+    def targets(self, grid: FCOSGrid, boxes: Sequence[Tensor], labels: Sequence[Tensor],
+                image_sizes: Tensor | Sequence[tuple[int, int]]) -> FCOSTargets:
+        "`fcos_targets` with this loss's assignment rules: compute them once where the boxes never change."
+        return fcos_targets(grid, boxes, labels, image_sizes, self.num_classes, self.size_ranges, self.center_radius)
+
     def forward(self, out: FCOSOutput, boxes: Sequence[Tensor], labels: Sequence[Tensor],
-                image_sizes: Tensor | Sequence[tuple[int, int]]) -> Tensor:
+                image_sizes: Tensor | Sequence[tuple[int, int]], targets: FCOSTargets | None = None) -> Tensor:
         "Scalar detection loss of a batch (see `components`)."
-        return self.components(out, boxes, labels, image_sizes)["loss"]
+        return self.components(out, boxes, labels, image_sizes, targets)["loss"]
 
 # %% ../nbs/05_fcos.ipynb #b2317ca9
 @torch.no_grad()

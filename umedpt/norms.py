@@ -4,7 +4,9 @@
 
 # %% ../nbs/03_norms.ipynb #4e262e5d
 from __future__ import annotations
+import copy
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 import timm.layers
 import torch
@@ -13,7 +15,7 @@ from torch import nn, Tensor
 from .core import ConfigError
 
 # %% auto #0
-__all__ = ['NORM_MODES', 'SampleLayerNorm', 'norm_channel_dim', 'NormSwapReport', 'swap_norms']
+__all__ = ['NORM_MODES', 'SampleLayerNorm', 'norm_channel_dim', 'NormSwapReport', 'swap_norms', 'batch_norm_statistics']
 
 # %% ../nbs/03_norms.ipynb #ea697197
 class SampleLayerNorm(nn.Module):
@@ -150,3 +152,48 @@ def swap_norms(
             report.changes.append((qualified, type(child).__name__, type(done[id(child)]).__name__))
     visit(module, "")
     return report
+
+# %% ../nbs/03_norms.ipynb #ad434e17
+def batch_norm_statistics(
+    module: nn.Module,  # a model with batch norms kept (norm mode "keep"); a copy is run, `module` is left as it is
+    batches: dict[str, Tensor],  # task name -> one batch of that task's inputs; one round runs them in this order
+    rounds: int = 1,  # rounds run in training mode, which update the running statistics
+    reset: bool = True,  # start from reset statistics, averaged over the rounds' batches; False: the model's own
+    forward: Callable[[nn.Module, Tensor], object] | None = None,  # how to run the model on a batch; default module(x)
+) -> "pd.DataFrame":
+    "Per task and batch-norm layer: how far the task's inputs in evaluation lie from the running statistics."
+    import pandas as pd
+    if not isinstance(batches, dict) or not batches: raise ConfigError("batches must be a non-empty dict task -> batch")
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ConfigError(f"rounds must be a positive integer, got {rounds!r}")
+    model = copy.deepcopy(module).eval()  # only the batch norms train: dropout and stochastic depth stay off
+    bns = {n: m for n, m in model.named_modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    if not bns: raise ConfigError("batch_norm_statistics: the module has no batch norm with running statistics "
+                                  "(build it with norm='keep')")
+    for m in bns.values():
+        m.train()
+        if reset: m.reset_running_stats(); m.momentum = None  # None: a cumulative average
+    run = (lambda x: forward(model, x)) if forward else model
+    seen, current = {}, [None]
+    def record(name):
+        def hook(m, inputs):
+            x = inputs[0].detach().float(); dims = [d for d in range(x.ndim) if d != 1]
+            seen[(current[0], name)] = (x.mean(dims), x.var(dims, unbiased=False))
+        return hook
+    with torch.no_grad():
+        for _ in range(rounds):
+            for x in batches.values(): run(x)
+        model.eval()
+        hooks = [m.register_forward_pre_hook(record(n)) for n, m in bns.items()]
+        try:
+            for current[0], x in batches.items(): run(x)
+        finally:
+            for h in hooks: h.remove()
+    rows = []
+    for (task, name), (mu, var) in seen.items():
+        m = bns[name]; run_var = m.running_var.float() + m.eps
+        shift = ((mu - m.running_mean).abs() / run_var.sqrt()).mean().item()
+        rows.append({"task": task, "layer": name, "mean shift": shift,
+                     "log var ratio": ((var + m.eps) / run_var).log().abs().mean().item()})
+    return pd.DataFrame(rows)

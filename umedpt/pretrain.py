@@ -8,6 +8,7 @@ __all__ = ['LABEL_TYPES', 'PretrainTask', 'PretrainConfig', 'build_task_data', '
 
 # %% ../nbs/24_pretrain.ipynb #60232e48
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from .core import ConfigError, seed_everything
@@ -45,9 +46,9 @@ class PretrainConfig:
     norm: str = "frozen"  # norm mode of the shared blocks (the paper's Swin: "layernorm")
     size: int = 96  # longer image edge in pixels
     batch: int = 8  # samples per task and update (in all, over every process)
-    steps: int = 360  # optimiser updates (one round over all tasks each)
-    lr: float = 1e-3  # AdamW learning rate (paper)
-    weight_decay: float = 0.05  # AdamW weight decay (paper)
+    steps: int = 360  # optimiser updates (of `accumulate` task batches each; default one round over all tasks)
+    lr: float = 1e-3  # learning rate (paper, AdamW)
+    weight_decay: float = 0.05  # weight decay (paper, AdamW)
     warmup: int = 15  # linear warm-up updates, then cosine decay
     clip_grad_norm: float | None = 10.0  # clip the accumulated gradient
     seed: int = 0  # seeds the blocks, the heads, the task order and every loader
@@ -60,6 +61,9 @@ class PretrainConfig:
     encoder_lr: float | None = None  # learning rate of the encoder (None: `lr`; lower keeps more of ImageNet)
     ema: float | None = None  # keep a moving average of the weights with this decay; it is what gets saved
     square: bool = False  # resize every task to one square size×size (the paper's fixed-size ablation)
+    sampler: str = "cyclic"  # task order: "cyclic" (a batch of every task per round), "balanced" or "concat"
+    accumulate: int | None = None  # task batches per update; None: one round (the paper's); 1: no accumulation
+    optimizer: str = "adamw"  # "adamw" (the paper's), "adam" or "sgd" (no momentum)
 
     def __post_init__(self):
         self.tasks = [t if isinstance(t, PretrainTask) else PretrainTask(**_known(PretrainTask, t, "task"))
@@ -72,10 +76,18 @@ class PretrainConfig:
             value = getattr(self, key)                                       # before any data is opened
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value)):
                 raise ConfigError(f"PretrainConfig.{key} must be {what} or null, got {value!r}")
-        for key in ("size", "batch", "steps"):
+        for key in ("size", "batch", "steps", "accumulate"):
             value = getattr(self, key)
+            if key == "accumulate" and value is None: continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"PretrainConfig.{key} must be a positive integer, got {value!r}")
+                raise ConfigError(f"PretrainConfig.{key} must be a positive integer{' or null' * (key == 'accumulate')}"
+                                  f", got {value!r}")
+        from umedpt.sampler import MODES
+        from umedpt.trainer import OPTIMIZERS
+        for key, allowed in (("sampler", MODES), ("optimizer", OPTIMIZERS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"PretrainConfig.{key} must be one of {', '.join(allowed)}, "
+                                  f"got {getattr(self, key)!r}")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "PretrainConfig":
@@ -153,9 +165,12 @@ def book_database(
     n_val: int = 64,  # validation samples of each task
     n_real: int | None = None,  # cap on each real task's training samples (None: all)
     seed: int = 0,  # seed of the CT slice stream (the pretraining seed)
+    label_types: Sequence[str] | None = None,  # keep only tasks of these label types (UMedPT-clf); None: all
 ) -> list[PretrainTask]:
     "The pretraining database of the book (see its pretraining chapter): shapes, chest X-ray, nuclei, cells, CT."
     if not (real or synthetic): raise ConfigError("book_database: choose real and/or synthetic tasks")
+    if label_types is not None and (isinstance(label_types, str) or set(label_types) - set(LABEL_TYPES)):
+        raise ConfigError(f"book_database: label_types must be a list of {', '.join(LABEL_TYPES)}, got {label_types!r}")
     tasks = [PretrainTask(f"shapes_{lt}", lt, "shapes", n=n_shapes, n_val=n_val, val_split="val",
                           options={"seed": 10 + 2 * i, **({"min_aspect": 0.75} if i > 1 else {})})
              for i, lt in enumerate(LABEL_TYPES)] if synthetic else []
@@ -169,7 +184,9 @@ def book_database(
                       ("bccd_cell_detection", "detection", "bccd_detection")]]
         tasks.append(PretrainTask("totalseg_ct_slices_segmentation", "segmentation", "totalsegmentator_ct_mr_3d",
                                   options={"modality": "ct", "samples_per_epoch": 2 * n_val, "seed": seed}))
-    return tasks
+    kept = [t for t in tasks if label_types is None or t.label_type in label_types]
+    if not kept: raise ConfigError(f"book_database: no task has a label type in label_types={list(label_types)}")
+    return kept
 
 # %% ../nbs/24_pretrain.ipynb #2bb4767d
 def pretrain(
@@ -198,7 +215,7 @@ def pretraining_trainer(
     progress: bool = True,  # a tqdm bar on rank 0
     rank: int = 0, world: int = 1,  # this process and the number of processes (see `init_distributed`)
 ):
-    "What `pretrain` trains, ready to `fit`: blocks, one task per entry, seeded loaders, cyclic sampler, `Trainer`."
+    "What `pretrain` trains, ready to `fit`: blocks, one task per entry, seeded loaders, task sampler, `Trainer`."
     import torch
     from torch.utils.data import DataLoader, IterableDataset
     from umedpt.blocks import SharedBlocks
@@ -223,9 +240,11 @@ def pretraining_trainer(
     loaders = {t.name: loader(t, data[t.name]) for t in config.tasks}
     val = {t.name: make_loader(build_task_data(t, config.size, config.seed, t.val_split, config.square),
                                config.batch, shuffle=False) for t in config.tasks if t.val_split and rank == 0}
-    return Trainer(blocks, tasks, TaskSampler(loaders, mode="cyclic", seed=config.seed), lr=config.lr,
+    every = config.accumulate
+    return Trainer(blocks, tasks, TaskSampler(loaders, mode=config.sampler, seed=config.seed), lr=config.lr,
                    weight_decay=config.weight_decay, warmup_steps=config.warmup, schedule="cosine",
                    clip_grad_norm=config.clip_grad_norm, device=device, out_dir=Path(config.out_dir),
                    checkpoint_every=config.checkpoint_every, val_loaders=val or None, precision=config.precision,
-                   encoder_lr=config.encoder_lr, ema=config.ema,
+                   encoder_lr=config.encoder_lr, ema=config.ema, optimizer=config.optimizer,
+                   is_update_step=None if every is None else lambda item: (item + 1) % every == 0,
                    eval_every=config.eval_every if val else 0, progress=progress and rank == 0)

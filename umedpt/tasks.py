@@ -215,8 +215,9 @@ class DetectionTask(Task):
 
     def loss_from(self, out: FCOSOutput, batch: dict) -> Tensor:
         dev = out.cls_logits.device
+        targets = batch.get("fcos_targets")  # precomputed (FCOSLoss.targets) for boxes that never change
         return self.loss_fn(out, [b.to(dev) for b in batch["boxes"]], [l.to(dev) for l in batch["box_labels"]],
-                            self._sizes(batch))
+                            self._sizes(batch), None if targets is None else targets.to(dev))
 
     def predict(self, batch: dict, blocks: nn.Module) -> list[dict[str, Tensor]]:
         "Per image: `boxes` (xyxy pixels), `scores`, `labels`."

@@ -18,8 +18,8 @@ from .core import ConfigError, TrainingError, atomic_write, pick_device, to_devi
 from .sampler import LOAD_ERRORS
 
 # %% auto #0
-__all__ = ['LOSS_COLUMNS', 'METRIC_COLUMNS', 'CHECKPOINT', 'BAD_BATCH_POLICIES', 'PRECISIONS', 'MultiTaskModel', 'WarmupCosine',
-           'rng_state', 'set_rng_state', 'CsvLog', 'Trainer', 'plot_losses']
+__all__ = ['LOSS_COLUMNS', 'METRIC_COLUMNS', 'CHECKPOINT', 'BAD_BATCH_POLICIES', 'PRECISIONS', 'OPTIMIZERS', 'MultiTaskModel',
+           'WarmupCosine', 'rng_state', 'set_rng_state', 'CsvLog', 'Trainer', 'plot_losses']
 
 # %% ../nbs/20_trainer.ipynb #6741b4c6
 class MultiTaskModel(nn.Module):
@@ -109,11 +109,12 @@ METRIC_COLUMNS = ["step", "task", "metric", "value"]
 CHECKPOINT = "checkpoint.pt"
 BAD_BATCH_POLICIES = ("raise", "skip")  # what `Trainer(on_bad_batch=...)` does with a batch that fails to load
 PRECISIONS = ("auto", "bf16", "fp32")  # `Trainer(precision=...)`: autocast dtype of the forward passes
+OPTIMIZERS = ("adamw", "adam", "sgd")  # `Trainer(optimizer=...)`: AdamW (paper), Adam, SGD without momentum
 _MAX_BAD_IN_A_ROW = 100  # so many failed batches in a row stop training even with "skip" (the data is gone)
 _log = logging.getLogger("umedpt.trainer")
 
 def _param_groups(model: MultiTaskModel, lr: float, encoder_lr: float | None) -> list[dict]:
-    "AdamW parameter groups: everything at `lr`, or the shared encoder at `encoder_lr` and the rest at `lr`."
+    "Parameter groups of the optimiser: everything at `lr`, or the shared encoder at `encoder_lr` and the rest at `lr`."
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if encoder_lr is None: return [{"params": [p for _, p in params]}]
     if not isinstance(encoder_lr, (int, float)) or encoder_lr <= 0:
@@ -124,6 +125,13 @@ def _param_groups(model: MultiTaskModel, lr: float, encoder_lr: float | None) ->
     # the first group is the base rate's (Trainer.lr reports it); the scheduler scales both alike
     return [{"params": [p for n, p in params if not n.startswith("blocks.encoder.")]},
             {"params": enc, "lr": float(encoder_lr)}]
+
+def _optimizer(name: str, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    "The optimiser `name` over `groups`: AdamW (decoupled weight decay), Adam or plain SGD (both: L2 weight decay)."
+    if name not in OPTIMIZERS: raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    if name == "adamw": return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if name == "adam": return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.0, weight_decay=weight_decay)
 
 def _averaged(model: nn.Module, ema: float | None):
     "An exponential moving average of `model`'s weights and buffers (torch's AveragedModel), or None."
@@ -141,8 +149,9 @@ class Trainer:
                  blocks: nn.Module,  # shared blocks, handed to every task's compute_loss
                  tasks: dict[str, nn.Module] | Iterable[nn.Module],  # tasks with `.name`, `compute_loss`, `evaluate`
                  sampler: Iterable,  # endless (task_name, batch) pairs, e.g. a `TaskSampler`
-                 lr: float = 1e-3,  # AdamW learning rate (paper: 1e-3)
-                 weight_decay: float = 0.05,  # AdamW weight decay (paper: 0.05)
+                 lr: float = 1e-3,  # learning rate (paper: 1e-3)
+                 weight_decay: float = 0.05,  # weight decay (paper: 0.05); AdamW decoupled, Adam and SGD as L2
+                 optimizer: str = "adamw",  # "adamw" (the paper's), "adam" or "sgd" (no momentum): see OPTIMIZERS
                  warmup_steps: int = 0,  # linear warm-up updates
                  schedule: str = "cosine",  # "cosine" decay after warm-up, or "constant"
                  total_steps: int | None = None,  # cosine horizon; default: `steps` of the first `fit`
@@ -176,7 +185,8 @@ class Trainer:
                                   f"the trainer's tasks {self.names}")
         round_size = getattr(sampler, "round_size", len(self.names))
         self.is_update_step = is_update_step or (lambda item: (item + 1) % round_size == 0)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, lr, encoder_lr), lr=lr, weight_decay=weight_decay)
+        self.optimizer_name = optimizer
+        self.optimizer = _optimizer(optimizer, _param_groups(self.model, lr, encoder_lr), lr, weight_decay)
         self.scheduler, self._schedule = None, (warmup_steps, total_steps, min_lr_ratio, schedule == "cosine")
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -222,6 +232,7 @@ class Trainer:
         if self.rank != 0: return None
         state = {"format": "umedpt-trainer-1", "step": self.step, "item": self.item, "tasks": self.names,
                  "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "optimizer_name": self.optimizer_name,
                  "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                  "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
                  "rng": rng_state(), "skipped_batches": self.skipped_batches,
@@ -236,6 +247,9 @@ class Trainer:
         if state.get("format") != "umedpt-trainer-1": raise TrainingError(f"{path} is not a umedpt trainer checkpoint")
         if state["tasks"] != self.names:
             raise ConfigError(f"checkpoint {path} is for tasks {state['tasks']}, this trainer has {self.names}")
+        if (saved := state.get("optimizer_name", "adamw")) != self.optimizer_name:  # older checkpoints: AdamW
+            raise ConfigError(f"checkpoint {path} was written with optimizer {saved!r}, this trainer uses "
+                              f"{self.optimizer_name!r}: resume with the same optimizer")
         self.model.load_state_dict(state["model"])
         if (state.get("ema") is None) != (self.ema_model is None):
             raise ConfigError(f"checkpoint {path} was written with{'out' if state.get('ema') is None else ''} a "
