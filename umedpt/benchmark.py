@@ -21,9 +21,9 @@ from .evaluation import (FRACTIONS, PROBE_SOLVERS, extract_embeddings, fine_tune
 
 # %% auto #0
 __all__ = ['BENCHMARK_PROFILES', 'BUILT_IN_ARMS', 'BENCHMARK_METRICS', 'ImageSet', 'to_uint8', 'capped', 'load_image_set',
-           'BenchmarkSettings', 'need_weights', 'build_arm', 'fingerprint', 'probe_rows', 'majority_rows',
-           'FineTuneResult', 'fine_tune_run', 'BenchmarkRun', 'run_benchmark', 'scores_table', 'pool_arms',
-           'seed_spread']
+           'BenchmarkSettings', 'profile_preset', 'need_weights', 'build_arm', 'fingerprint', 'probe_rows',
+           'majority_rows', 'FineTuneResult', 'fine_tune_run', 'BenchmarkRun', 'run_benchmark', 'scores_table',
+           'pool_arms', 'seed_spread']
 
 # %% ../nbs/31_benchmark.ipynb #07ed7246
 class ImageSet(Dataset):
@@ -212,11 +212,14 @@ class BenchmarkSettings:
     @classmethod
     def preset(cls, profile: str, **overrides) -> BenchmarkSettings:
         "The settings of a book profile (see `BENCHMARK_PROFILES`), with `overrides` that are not None."
-        if profile not in BENCHMARK_PROFILES:
-            raise ConfigError(f"profile must be one of {list(BENCHMARK_PROFILES)}, got {profile!r}")
-        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
-        if unknown: raise ConfigError(f"BenchmarkSettings has no field(s) {unknown}")
-        return cls(**{**BENCHMARK_PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}})
+        return profile_preset(cls, BENCHMARK_PROFILES, profile, overrides)
+
+def profile_preset(cls, profiles: dict, profile: str, overrides: dict):
+    "`cls` (a settings dataclass) built from `profiles[profile]` and the `overrides` that are not None."
+    if profile not in profiles: raise ConfigError(f"profile must be one of {list(profiles)}, got {profile!r}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+    if unknown: raise ConfigError(f"{cls.__name__} has no field(s) {unknown}")
+    return cls(**{**profiles[profile], **{k: v for k, v in overrides.items() if v is not None}})
 
 # %% ../nbs/31_benchmark.ipynb #e58dc906
 BUILT_IN_ARMS = ("random", "imagenet")

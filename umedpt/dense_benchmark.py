@@ -6,7 +6,7 @@
 from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import partial
 import numpy as np
 import pandas as pd
@@ -233,11 +233,8 @@ class DenseSettings:
     @classmethod
     def preset(cls, profile: str, **overrides) -> DenseSettings:
         "The settings of a book profile (see `DENSE_PROFILES`), with `overrides` that are not None."
-        if profile not in DENSE_PROFILES:
-            raise ConfigError(f"profile must be one of {list(DENSE_PROFILES)}, got {profile!r}")
-        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
-        if unknown: raise ConfigError(f"DenseSettings has no field(s) {unknown}")
-        return cls(**{**DENSE_PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}})
+        from umedpt.benchmark import profile_preset
+        return profile_preset(cls, DENSE_PROFILES, profile, overrides)
 
 DENSE_PROFILES = {
     "smoke": dict(size=64, max_train=24, max_test=8, fractions=[0.25, 1.0], seeds=[0], probe_epochs=2,
