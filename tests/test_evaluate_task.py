@@ -31,6 +31,14 @@ def _masks_folder(root, suffix: str, scale: int):
     return root
 
 
+def _evaluate_command(model, data, *args) -> dict:
+    "`python -m umedpt evaluate` on the CPU: the metrics it printed, by name (it must succeed)."
+    r = subprocess.run([sys.executable, "-m", "umedpt", "evaluate", "--model", str(model), "--data", str(data), *args,
+                        "--device", "cpu", "--no-progress"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    return dict(line.split() for line in r.stdout.splitlines())
+
+
 def test_jpeg_masks_need_the_threshold_and_match_png(blocks, tmp_path):
     model = save_task(blocks, create_task("segmentation", "sq", ["background", "square"], blocks), tmp_path / "m")
     jpg, png = _masks_folder(tmp_path / "jpg", ".jpg", 255), _masks_folder(tmp_path / "png", ".png", 1)
@@ -39,11 +47,7 @@ def test_jpeg_masks_need_the_threshold_and_match_png(blocks, tmp_path):
     assert scores == evaluate_folder(model, png, **QUIET) and "dice" in scores
     table = pd.read_csv(tmp_path / "s.csv")
     assert table.metric.tolist() == list(scores) and np.allclose(table.value, list(scores.values()))
-    r = subprocess.run([sys.executable, "-m", "umedpt", "evaluate", "--model", str(model), "--data", str(jpg),
-                        "--mask-threshold", "127", "--device", "cpu", "--no-progress"],
-                       capture_output=True, text=True, env=ENV)
-    assert r.returncode == 0, r.stderr
-    printed = dict(line.split() for line in r.stdout.splitlines())
+    printed = _evaluate_command(model, jpg, "--mask-threshold", "127")
     assert np.isclose(float(printed["dice"]), scores["dice"], rtol=1e-5)
 
 
@@ -85,3 +89,32 @@ def test_bad_input_is_named(blocks, tmp_path):
 def save_task_free(blocks, path):
     from umedpt.weights import save_pretrained
     return save_pretrained(blocks, path)
+
+
+def _voc_folder(root, split: str = "test"):
+    "A Pascal VOC folder of three 64×64 images, each with one bright box of class 'cell' on a dark background."
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"): (root / sub).mkdir(parents=True)
+    ids = []
+    for k in range(3):
+        x0, y0 = 8 + 6 * k, 10 + 4 * k
+        img = np.full((64, 64, 3), 20, np.uint8); img[y0:y0 + 24, x0:x0 + 28] = 220
+        Image.fromarray(img).save(root / "JPEGImages" / f"im{k}.jpg", quality=95)
+        (root / "Annotations" / f"im{k}.xml").write_text(
+            f"<annotation><filename>im{k}.jpg</filename><size><width>64</width><height>64</height><depth>3</depth>"
+            f"</size><object><name>cell</name><bndbox><xmin>{x0 + 1}</xmin><ymin>{y0 + 1}</ymin>"
+            f"<xmax>{x0 + 28}</xmax><ymax>{y0 + 24}</ymax></bndbox></object></annotation>")
+        ids.append(f"im{k}")
+    (root / "ImageSets/Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def test_voc_folder_scores_a_saved_detection_task(blocks, tmp_path):
+    torch.manual_seed(2)
+    model = save_task(blocks, create_task("detection", "cells", ["cell"], blocks), tmp_path / "m")
+    voc = _voc_folder(tmp_path / "voc")
+    with pytest.raises(DataError, match="split file not found"): evaluate_folder(model, voc, **QUIET)  # no train.txt
+    scores = evaluate_folder(model, voc, split="test", out=tmp_path / "s.json", **QUIET)
+    assert set(scores) >= {"map_50", "map"} and all(0 <= v <= 1 for v in scores.values())
+    assert json.loads((tmp_path / "s.json").read_text())["samples"] == 3
+    printed = _evaluate_command(model, voc, "--option", "split=test")
+    assert np.isclose(float(printed["map_50"]), scores["map_50"], rtol=1e-5)

@@ -26,6 +26,24 @@ def test_runs_order_and_selection():
     for r in runner.RUNS: assert r.notebook.parent == ROOT / "book/experiments"
 
 
+def _toc_files(entries) -> list[str]:
+    "Every `file` of a jupyter-book toc, sections included, in order."
+    out = []
+    for e in entries or []:
+        if "file" in e: out.append(e["file"])
+        out += _toc_files(e.get("sections")) + _toc_files(e.get("chapters"))
+    return out
+
+
+def test_every_run_is_a_page_of_the_book_and_every_experiment_page_a_run():
+    import yaml
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    pages = [f for f in _toc_files(toc["parts"]) if f.startswith("book/executed/")]
+    assert sorted(pages) == sorted(f"book/executed/{r.name}" for r in runner.RUNS)
+    published = {p.stem for p in (ROOT / "book/executed").glob("*.ipynb")}
+    assert {r.name for r in runner.RUNS} <= published, "a run has no published executed copy"
+
+
 def test_parse_params_and_set_title(tmp_path):
     got = runner.parse_params(['arms={"imagenet": "/w.safetensors", "umedpt": null}', "task=breastmnist", "ft_steps=3"])
     assert got == {"arms": {"imagenet": "/w.safetensors", "umedpt": None}, "task": "breastmnist", "ft_steps": 3}

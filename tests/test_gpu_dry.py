@@ -3,6 +3,9 @@
 gpu-dry runs each chapter's gpu settings with a few explicit overrides (small images, a handful of samples and
 steps) on the CPU: Swin-T, the parameter-free LayerNorm swap, bf16 autocast, the paper's losses. Without CUDA the
 gpu profile must stop at a chapter's start with a ConfigError that names gpu-dry.
+
+Every source notebook runs once (its first run), and the dense benchmark once per label type: the other runs of a
+source differ only in their target task, which a dry run without real data replaces by the same synthetic stand-in.
 """
 import importlib.util, os, subprocess, sys, time
 from pathlib import Path
@@ -10,17 +13,35 @@ import nbformat
 import papermill as pm
 import pytest
 import torch
+from umedpt.benchmark import STAND_IN  # how a chapter labels the imagenet arm of a dry run
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("run_experiments", ROOT / "tools/run_experiments.py")
 runner = importlib.util.module_from_spec(spec); spec.loader.exec_module(runner)
 SWIN_T = "swin_tiny_patch4_window7_224"
-STAND_IN = "stand-in (random weights), dry run only"
 MENTIONS = {  # run name -> what its outputs must mention besides the profile (where the gpu path has it)
     "training_performance": [SWIN_T, "bf16"],
     "pretraining": [SWIN_T, "bf16 autocast", "layernorm"],
     **{f"benchmark_{t}": [SWIN_T, STAND_IN] for t in runner.BENCHMARK_TASKS},
+    **{f"dense_benchmark_{t}": [SWIN_T, STAND_IN] for t in runner.DENSE_TASKS},
+    "volume_benchmark": [SWIN_T, STAND_IN],
 }
+DETECTION = "dense_benchmark_bccd_cells"  # the dense chapter's detection path (its first run is segmentation)
+
+
+def dry_runs() -> list:
+    "The first run of every source notebook, plus the dense chapter's detection run, in the listed order."
+    first = {}
+    for run in runner.RUNS: first.setdefault(run.source or run.name, run.name)
+    names = set(first.values()) | {DETECTION}
+    return [r for r in runner.RUNS if r.name in names]
+
+
+def test_dry_selection_covers_every_source():
+    sources = {r.source or r.name for r in runner.RUNS}
+    chosen = dry_runs()
+    assert {r.source or r.name for r in chosen} == sources and DETECTION in {r.name for r in chosen}
+    assert len(chosen) == len(sources) + 1
 
 
 def _env() -> dict:
@@ -63,12 +84,14 @@ def test_gpu_profile_stops_at_the_start_without_cuda(tmp_path):
 def test_gpu_dry_runs_every_chapter_on_the_cpu():
     before = _git_status()
     start = time.time()
-    res = subprocess.run([sys.executable, "tools/run_experiments.py", "--profile", "gpu-dry"], cwd=ROOT, env=_env(),
+    runs = dry_runs()
+    res = subprocess.run([sys.executable, "tools/run_experiments.py", "--profile", "gpu-dry", "--only",
+                          *[r.name for r in runs]], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=900)
     seconds = time.time() - start
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     print(res.stdout); print(f"gpu-dry: {seconds:.0f} s")
-    for run in runner.RUNS:
+    for run in runs:
         path = ROOT / "_preview/executed" / f"{run.name}.ipynb"
         assert path.is_file(), f"{run.name}: no executed copy"
         text = _outputs(nbformat.read(path, as_version=4))

@@ -7,7 +7,7 @@ from umedpt.core import ConfigError, DataError, InputError
 from umedpt.evaluation import nested_subsets
 from umedpt.volume_benchmark import (VolumeSet, VolumeSettings, bag_probe_rows, embed_volumes, fine_tune_bags,
                                      fit_bag_head, fit_volume_cnn, load_volumes, predict_bag_head, predict_volumes,
-                                     volume_slices)
+                                     volume_cnn, volume_slices)
 
 
 def _toy(n: int, seed: int, size: int = 12) -> VolumeSet:
@@ -102,7 +102,10 @@ def test_3d_cnn_learns_a_separable_problem(_monai):
     train, test = _toy(16, 3, size=12), _toy(16, 4, size=12)
     model, losses = fit_volume_cnn(train, epochs=5, batch_size=8, lr=3e-3, device="cpu")
     acc = (predict_volumes(model, test).argmax(1) == test.labels).mean()
-    assert np.mean(losses[-3:]) < losses[0] and acc > 0.8, (losses, acc)
+    # the per-step losses of two-volume-class batches are too noisy to compare two of them: compare the whole
+    # training set's cross-entropy before (the same seed's untrained network) and after training
+    ce = lambda m: float(-np.log(predict_volumes(m, train)[np.arange(len(train)), train.labels] + 1e-9).mean())
+    assert len(losses) == 5 * 2 and ce(model) < ce(volume_cnn(2, seed=0)) and acc > 0.8, (losses, acc)
 
 
 def test_bad_input_is_refused(tmp_path):

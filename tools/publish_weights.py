@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     database = dict(zip(db.task, db.source))
     card = ("## Evaluation\n\nThe book's benchmark chapters (data-scarcity protocol, frozen and fine-tuned) and its "
             "findings page report what these weights do against ImageNet, per target task and pretraining seed. The "
-            "weights are reproducible: the pretraining chapter re-creates them bit for bit on a CPU with seed 0.\n")
+            "weights are reproducible: the pretraining chapter re-creates them bit for bit with seed 0 on the same CPU "
+            "model and library build (another CPU model may round differently and give slightly different weights).\n")
     dest = publish_weights(src, NAME, database, dest=PRETRAINED_DIR / NAME,
                            results=headline_numbers(data / "benchmark"), extra_card=card)
     reference = {"images": "umedpt.shapes.ShapesDataset('classification', n=2, size=96, seed=0), both images",

@@ -38,11 +38,15 @@ _EXPORTS = {  # module -> the names re-exported at package level
     "trainer": ("Trainer", "plot_losses"),
     "weights": ("save_pretrained", "from_pretrained", "publish_weights", "save_task", "load_task"),
     "inference": ("embed_images", "embed_folder", "evaluate_folder"),
+    "pretrain": ("PretrainConfig", "PretrainTask", "book_database"),
     "evaluation": ("nested_subsets", "extract_embeddings", "fit_linear_probe", "fine_tune", "paired_ttest",
                    "compare_arms", "table1_summary", "plot_scarcity", "linear_probe_task", "fit_probe",
                    "fine_tune_task", "task_results", "claim_verdict"),
     "benchmark": ("BenchmarkSettings", "run_benchmark", "load_image_set", "build_arm"),
     "pooling": ("AttentionPooling", "BagClassifier", "fit_bag_classifier", "predict_bags", "score_bags"),
+    "dense_benchmark": ("DenseSettings", "load_dense_set", "run_dense_benchmark"),
+    "volume_benchmark": ("VolumeSettings", "VolumeSet", "load_volumes", "synthetic_volumes", "embed_volumes",
+                         "fit_bag_head"),
 }
 _ORIGIN = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = frozenset(_EXPORTS) | {"distributed", "cli"}
@@ -86,9 +90,13 @@ if TYPE_CHECKING:  # what static tools see; kept equal to _EXPORTS by a test
     from .trainer import Trainer, plot_losses
     from .weights import save_pretrained, from_pretrained, publish_weights, save_task, load_task
     from .inference import embed_images, embed_folder, evaluate_folder
+    from .pretrain import PretrainConfig, PretrainTask, book_database
     from .evaluation import (nested_subsets, extract_embeddings, fit_linear_probe, fine_tune, paired_ttest,
                              compare_arms, table1_summary, plot_scarcity, linear_probe_task, fit_probe,
                              fine_tune_task, task_results, claim_verdict)
     from .benchmark import BenchmarkSettings, run_benchmark, load_image_set, build_arm
     from .pooling import AttentionPooling, BagClassifier, fit_bag_classifier, predict_bags, score_bags
+    from .dense_benchmark import DenseSettings, load_dense_set, run_dense_benchmark
+    from .volume_benchmark import (VolumeSettings, VolumeSet, load_volumes, synthetic_volumes, embed_volumes,
+                                   fit_bag_head)
 

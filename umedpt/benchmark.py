@@ -15,15 +15,16 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from .core import ConfigError, DataError, DataRootError, collate_samples, pick_device, seed_everything
+from .core import (ConfigError, DataError, DataRootError, atomic_write, collate_samples, pick_device,
+                         seed_everything)
 from .evaluation import (FRACTIONS, PROBE_SOLVERS, extract_embeddings, fine_tune, fit_linear_probe,
                                nested_subsets, probe_benchmark, relative_change, results_frame)
 
 # %% auto #0
-__all__ = ['BENCHMARK_PROFILES', 'BUILT_IN_ARMS', 'BENCHMARK_METRICS', 'ImageSet', 'to_uint8', 'capped', 'load_image_set',
-           'BenchmarkSettings', 'profile_preset', 'need_weights', 'build_arm', 'fingerprint', 'probe_rows',
-           'majority_rows', 'FineTuneResult', 'fine_tune_run', 'BenchmarkRun', 'run_benchmark', 'scores_table',
-           'pool_arms', 'seed_spread']
+__all__ = ['BENCHMARK_PROFILES', 'BUILT_IN_ARMS', 'STAND_IN', 'BENCHMARK_METRICS', 'ImageSet', 'to_uint8', 'capped',
+           'load_image_set', 'BenchmarkSettings', 'profile_preset', 'need_weights', 'build_arm', 'fingerprint',
+           'stand_in_checkpoint', 'probe_rows', 'majority_rows', 'FineTuneResult', 'fine_tune_run', 'BenchmarkRun',
+           'run_benchmark', 'scores_table', 'pool_arms', 'seed_spread']
 
 # %% ../nbs/31_benchmark.ipynb #07ed7246
 class ImageSet(Dataset):
@@ -275,6 +276,26 @@ def fingerprint(model: nn.Module) -> str:
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:12]
+
+# %% ../nbs/31_benchmark.ipynb #0f9027f7
+STAND_IN = "stand-in (random weights), dry run only"  # how a chapter labels the imagenet arm of a dry run
+
+def stand_in_checkpoint(
+    encoder: str,  # a key of `umedpt.encoders.ENCODERS`
+    cache_dir: str | Path,  # where the checkpoint is written (once; later calls reuse it)
+) -> Path:
+    "A timm-format checkpoint of `encoder` with random weights (seed 0): the imagenet arm of a dry run, not ImageNet."
+    import timm
+    from safetensors.torch import save_file
+    from umedpt.encoders import ENCODERS
+    if encoder not in ENCODERS: raise ConfigError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
+    dest = Path(cache_dir) / f"{encoder}-stand-in-random-weights.safetensors"
+    if not dest.is_file():
+        torch.manual_seed(0)
+        model = timm.create_model(ENCODERS[encoder].timm_name, pretrained=False, **ENCODERS[encoder].timm_kwargs)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(dest) as tmp: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    return dest
 
 # %% ../nbs/31_benchmark.ipynb #25d839da
 BENCHMARK_METRICS = ("macro_f1", "accuracy", "balanced_accuracy", "auroc")

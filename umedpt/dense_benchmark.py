@@ -8,6 +8,7 @@ import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import NamedTuple
 import numpy as np
 import pandas as pd
 import torch
@@ -21,8 +22,9 @@ from .metrics import detection_map, segmentation_metrics
 
 
 # %% auto #0
-__all__ = ['DENSE_TYPES', 'DENSE_METRICS', 'DENSE_PROFILES', 'DenseSet', 'load_dense_set', 'FrozenDenseFeatures',
-           'fixed_fcos_targets', 'dense_scores', 'DenseSettings', 'DenseRun', 'run_dense_benchmark']
+__all__ = ['DENSE_TYPES', 'DENSE_METRICS', 'DENSE_PROFILES', 'PROBE_LRS', 'DenseSet', 'load_dense_set', 'FrozenDenseFeatures',
+           'fixed_fcos_targets', 'dense_scores', 'DenseSettings', 'DenseRun', 'run_dense_benchmark', 'ProbeChoice',
+           'choose_probe_lr']
 
 # %% ../nbs/33_dense_benchmark.ipynb #94923885
 DENSE_TYPES = ("segmentation", "detection")
@@ -196,7 +198,8 @@ class DenseSettings:
     seeds: Sequence[int] = (0, 1, 2, 3, 4)  # subset seeds of the frozen setting
     probe_epochs: int = 100  # epochs of every frozen probe (on cached features)
     probe_batch: int = 16  # images per probe step
-    probe_lr: float = 1e-3  # AdamW learning rate of the probe (no weight decay)
+    probe_lr: float = 1e-3  # AdamW learning rate of the probe (no weight decay) ...
+    probe_lrs: Mapping[str, float] | None = None  # ... or per arm (e.g. chosen on validation data: `choose_probe_lr`)
     ft_fractions: Sequence[float] = FRACTIONS  # fractions fine-tuned (empty: no fine-tuning)
     ft_seeds: Sequence[int] = (0, 1, 2, 3, 4)  # seeds fine-tuned
     ft_epochs: int = 100  # passes over the subset per fine-tuning run ...
@@ -226,6 +229,11 @@ class DenseSettings:
             if v is None and k == "lr_decoders": continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ConfigError(f"{k} must be a positive number, got {v!r}")
+        if self.probe_lrs is not None:
+            self.probe_lrs = {str(a): v for a, v in dict(self.probe_lrs).items()}
+            if bad := {a: v for a, v in self.probe_lrs.items()
+                       if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0}:
+                raise ConfigError(f"probe_lrs must map arms to positive numbers, got {bad}")
         if not self.fractions or not self.seeds: raise ConfigError("fractions and seeds must not be empty")
         nested_subsets(None, n=1, fractions=self.fractions, seeds=self.seeds + self.ft_seeds)
         if self.ft_fractions: nested_subsets(None, n=1, fractions=self.ft_fractions, seeds=[0])
@@ -306,7 +314,8 @@ def run_dense_benchmark(
                 probe = linear_probe_task(lt, task, train_set.classes, blocks)
                 if lt == "detection" and targets is None: targets = fixed_fcos_targets(probe, feats, train_set)
                 loader = _loader(train_set, min(s.probe_batch, len(idx)), seed, indexed=True, idx=idx, targets=targets)
-                fit_probe(probe, feats, loader, steps=s.probe_epochs * len(loader), lr=s.probe_lr, device=dev)
+                fit_probe(probe, feats, loader, steps=s.probe_epochs * len(loader),
+                          lr=(s.probe_lrs or {}).get(arm, s.probe_lr), device=dev)
                 rows += row(arm, "frozen", f, seed, dense_scores(probe, test_feats,
                                                                  _loader(test_set, s.batch_size, indexed=True)))
                 probes[(arm, f, seed)] = probe
@@ -340,3 +349,39 @@ def run_dense_benchmark(
     results = results_frame(rows + ft_rows)
     return DenseRun(results, losses, prints, ft_arms, seconds, change, examples)
 
+
+# %% ../nbs/33_dense_benchmark.ipynb #a3351a36
+PROBE_LRS = (1e-3, 1e-2, 1e-1)  # candidate probe learning rates of `choose_probe_lr`
+
+class ProbeChoice(NamedTuple):
+    "What `choose_probe_lr` returns."
+    lr: float  # the chosen learning rate
+    table: pd.DataFrame  # one row per candidate: lr, the validation metrics, chosen
+
+def choose_probe_lr(
+    train_set: DenseSet, val_set: DenseSet,  # the training split and a validation split (never the test split)
+    blocks: nn.Module,  # the arm's shared blocks
+    settings: DenseSettings,  # probe epochs, batch and batch_size
+    lrs: Sequence[float] = PROBE_LRS,  # the candidates
+    device=None,  # default: where the blocks are
+) -> ProbeChoice:
+    "The probe learning rate with the best validation score at 100 % of the training split (seed 0)."
+    _check_dense_run(train_set, val_set, {"arm": blocks})
+    if not lrs or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in lrs):
+        raise ConfigError(f"lrs must be a non-empty list of positive numbers, got {lrs!r}")
+    lt, s = train_set.label_type, settings
+    dev = device or next(blocks.parameters()).device
+    feats = FrozenDenseFeatures(blocks, train_set, s.batch_size, dev)
+    val_feats = FrozenDenseFeatures(blocks, val_set, s.batch_size, dev)
+    rows, targets = [], None
+    for lr in lrs:
+        seed_everything(0)
+        probe = linear_probe_task(lt, "probe", train_set.classes, blocks)
+        if lt == "detection" and targets is None: targets = fixed_fcos_targets(probe, feats, train_set)
+        loader = _loader(train_set, min(s.probe_batch, len(train_set)), 0, indexed=True, targets=targets)
+        fit_probe(probe, feats, loader, steps=s.probe_epochs * len(loader), lr=float(lr), device=dev)
+        rows.append({"lr": float(lr), **dense_scores(probe, val_feats, _loader(val_set, s.batch_size, indexed=True))})
+    table = pd.DataFrame(rows)
+    head = DENSE_METRICS[lt][0]
+    best = float(table.lr[table[head].values.argmax()])  # argmax: the first (smallest listed) of equal scores
+    return ProbeChoice(best, table.assign(chosen=table.lr == best))

@@ -17,9 +17,10 @@ from .core import ConfigError, DataError, InputError, pick_device, train_steps
 from .evaluation import cached_features, nested_subsets, results_frame
 
 # %% auto #0
-__all__ = ['VOLUME_METRICS', 'VOLUME_PROFILES', 'VolumeSet', 'load_volumes', 'volume_slices', 'embed_volumes', 'BagHead',
-           'fit_bag_head', 'predict_bag_head', 'score_rows', 'bag_probe_rows', 'FineTuneBags', 'fine_tune_bags',
-           'volume_cnn', 'fit_volume_cnn', 'predict_volumes', 'VolumeSettings']
+__all__ = ['VOLUME_METRICS', 'VOLUME_PROFILES', 'VolumeSet', 'load_volumes', 'volume_slices', 'synthetic_volumes',
+           'centre_planes', 'embed_volumes', 'BagHead', 'fit_bag_head', 'predict_bag_head', 'score_rows',
+           'bag_probe_rows', 'FineTuneBags', 'fine_tune_bags', 'volume_cnn', 'fit_volume_cnn', 'predict_volumes',
+           'VolumeSettings']
 
 # %% ../nbs/34_volume_benchmark.ipynb #848b5cfd
 @dataclass
@@ -85,6 +86,48 @@ def volume_slices(
     if size is not None and tuple(x.shape[-2:]) != (size, size):
         x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
     return x.expand(-1, 3, -1, -1)
+
+# %% ../nbs/34_volume_benchmark.ipynb #d360719a
+def synthetic_volumes(
+    n: int,  # number of volumes
+    seed: int,  # seed of labels, sizes, places and noise
+    size: int = 16,  # edge of the cubic volumes
+    noise: float = 10.0,  # standard deviation of the background noise (uint8 grey levels)
+) -> VolumeSet:
+    "Noisy volumes with a bright ball (class 1) or a dimmer cube (class 0) of random size and place."
+    if n < 1 or size < 4: raise ConfigError(f"synthetic_volumes: need n >= 1 and size >= 4, got n={n}, size={size}")
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    axes = np.arange(size) + 0.5
+    vols = []
+    for label in y:
+        centre = rng.uniform(0.35, 0.65, 3) * size
+        g = np.stack(np.meshgrid(*[axes - c for c in centre], indexing="ij"))
+        r = rng.uniform(0.12, 0.25) * size
+        inside = (np.sqrt((g ** 2).sum(0)) < r) if label else (np.abs(g).max(0) < r * 0.8)
+        v = inside * (230.0 if label else 120.0) + 20 + rng.normal(0, noise, g.shape[1:])
+        vols.append(v.clip(0, 255).astype(np.uint8))
+    return VolumeSet(np.stack(vols), y, ["cube", "ball"], f"synthetic-volumes-{seed}")
+
+# %% ../nbs/34_volume_benchmark.ipynb #5e8a0ac1
+def centre_planes(
+    volumes: VolumeSet,  # the volumes (uint8 N×D×H×W)
+    size: int | None = None,  # resize the planes to size×size; None: keep them (the volumes must then be cubic)
+    domain: str = "general",  # augmentation domain of the image set
+):
+    "The three orthogonal centre slices of each volume as the channels of one uint8 3×size×size image."
+    from umedpt.benchmark import ImageSet
+    v = torch.as_tensor(volumes.volumes)
+    n, d, h, w = v.shape
+    if size is None and not d == h == w:
+        raise ConfigError(f"{volumes.name}: volumes of shape {d}×{h}×{w} are not cubic; give a size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ConfigError(f"size must be a positive integer or None, got {size!r}")
+    planes = [v[:, d // 2], v[:, :, h // 2], v[:, :, :, w // 2]]
+    if size is not None:
+        planes = [nn.functional.interpolate(p[:, None].float(), size=(size, size), mode="bilinear", antialias=True)
+                  .round().clamp(0, 255).to(torch.uint8)[:, 0] for p in planes]
+    return ImageSet(torch.stack(planes, 1), volumes.labels, volumes.classes, f"{volumes.name}:centre-planes", domain)
 
 # %% ../nbs/34_volume_benchmark.ipynb #2d1284a4
 def _voxels_hash(volumes: np.ndarray) -> str:
@@ -387,9 +430,11 @@ VOLUME_PROFILES = {
                 ft_fractions=[0.01, 0.1, 1.0], ft_seeds=[0, 1, 2, 3, 4], ft_epochs=50, ft_arms=None, cnn_size=64,
                 cnn_fractions=[0.01, 0.1, 1.0], cnn_seeds=[0, 1, 2, 3, 4], cnn_epochs=100),
 }
-VOLUME_PROFILES["gpu-dry"] = dict(VOLUME_PROFILES["gpu"], max_train=16, max_test=16, fractions=[0.5, 1.0],
-                                  seeds=[0, 1], head_epochs=2, ft_fractions=[0.5], ft_seeds=[0, 1], ft_epochs=1,
-                                  cnn_fractions=[1.0], cnn_seeds=[0, 1], cnn_epochs=1)
+# gpu-dry: the gpu path's code on a few volumes (fine-tuning one seed of two arms: Swin-T on one CPU thread is slow)
+VOLUME_PROFILES["gpu-dry"] = dict(VOLUME_PROFILES["gpu"], max_train=12, max_test=8, fractions=[0.5, 1.0],
+                                  seeds=[0, 1], head_epochs=2, ft_fractions=[0.5], ft_seeds=[0], ft_epochs=1,
+                                  ft_arms=["imagenet", "umedpt"], cnn_fractions=[1.0], cnn_seeds=[0, 1],
+                                  cnn_epochs=1)
 
 # %% ../nbs/34_volume_benchmark.ipynb #cc70ee0d
 @dataclass
