@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from .benchmark import BenchmarkRun
 from .core import ConfigError, DataError, collate_samples, seed_everything
 from .evaluation import (FRACTIONS, fit_probe, fine_tune_task, linear_probe_task, nested_subsets,
                                relative_change, results_frame)
@@ -258,14 +259,8 @@ DENSE_PROFILES["gpu-dry"] = dict(DENSE_PROFILES["gpu"], size=64, max_train=16, m
 
 # %% ../nbs/33_dense_benchmark.ipynb #89c73fc0
 @dataclass
-class DenseRun:
-    "What `run_dense_benchmark` returns."
-    results: pd.DataFrame  # the long results table (columns RESULT_COLUMNS)
-    losses: dict[tuple[str, float, int], list[float]]  # (arm, fraction, seed) -> loss of every fine-tuning step
-    fingerprints: dict[str, str]  # arm -> hash of its weights
-    finetuned_arms: list[str]  # the arms that were fine-tuned
-    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each part
-    encoder_change: dict[tuple[str, float, int], float] = field(default_factory=dict)  # ... -> ‖θ − θ₀‖ / ‖θ₀‖
+class DenseRun(BenchmarkRun):
+    "What `run_dense_benchmark` returns: a `BenchmarkRun` (results, losses, fingerprints, ...) with examples."
     examples: dict[tuple[str, str], list] = field(default_factory=dict)  # (arm, setting) -> predictions on the
     # first `n_examples` test images, by the model of the largest fraction (first seed)
 
