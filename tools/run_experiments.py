@@ -43,6 +43,11 @@ DENSE_TASKS = {  # dense benchmark target -> page title suffix
     "bccd_cells": "BCCD blood-cell detection (in-domain)",
     "dsb2018_nuclei": "DSB2018 nucleus detection (in-domain, NucleiDet)",
 }
+ABLATIONS = {  # ablation chapter parameter -> page title suffix (the paper's claim it tests); "scheme" (C4) joins
+    "norm": "norm layers in the shared blocks (C3)",  # once it has been executed at cpu (issue 13)
+    "labels": "label types (C6)",
+    "size": "image sizes (C7)",
+}
 RUNS = [
     Run("shapes_classifier"),
     Run("loaders_benchmark"),
@@ -56,6 +61,9 @@ RUNS = [
     *[Run(f"dense_benchmark_{task}", "dense_benchmark", {"task": task}, f"Dense benchmark: {title}")
       for task, title in DENSE_TASKS.items()],
     Run("volume_benchmark", title="3D by slices: AdrenalMNIST3D at 64³ (out-of-domain)"),
+    # the ablations pretrain their own variants from the recipe; the findings page reads their verdicts
+    *[Run(f"ablation_{name}", "ablations", {"ablation": name}, f"Ablation: {title}")
+      for name, title in ABLATIONS.items()],
     Run("findings"),
 ]
 

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from .benchmark import BenchmarkRun
+from .benchmark import BenchmarkRun, fingerprint
 from .core import ConfigError, DataError, collate_samples, seed_everything
 from .evaluation import (FRACTIONS, fit_probe, fine_tune_task, linear_probe_task, nested_subsets,
                                relative_change, results_frame)
@@ -128,6 +128,7 @@ class FrozenDenseFeatures(nn.Module):
         super().__init__()
         device = device or next(blocks.parameters()).device
         self.label_type, self.n = dataset.label_type, len(dataset)
+        self.blocks_fingerprint = fingerprint(blocks)  # whose features these are (checked where they are reused)
         self.centerness = copy.deepcopy(blocks.centerness).requires_grad_(False).eval()  # detection heads call it
         parts = []
         blocks.eval()
@@ -167,6 +168,21 @@ def fixed_fcos_targets(
     with torch.no_grad(): grid = task(_index_collate([(0, dataset[0])]), features).grid
     return {i: task.loss_fn.targets(grid, [s["boxes"].float()], [s["box_labels"].long()],
                                     [tuple(s["image"].shape[-2:])]) for i, s in enumerate(dataset.samples)}
+
+def _given_features(
+    features: FrozenDenseFeatures | None,  # computed earlier, or None
+    blocks: nn.Module, dataset: DenseSet, batch_size: int, device, who: str,  # what they must be of; for errors
+) -> FrozenDenseFeatures:
+    "`features` after checking that they are `blocks`' features of `dataset`; computed now when None."
+    if features is None: return FrozenDenseFeatures(blocks, dataset, batch_size, device)
+    if not isinstance(features, FrozenDenseFeatures):
+        raise ConfigError(f"{who}: expected FrozenDenseFeatures, got {type(features).__name__}")
+    if features.n != len(dataset) or features.label_type != dataset.label_type:
+        raise ConfigError(f"{who}: the features hold {features.n} {features.label_type} images, the training split "
+                          f"{dataset.name!r} {len(dataset)} {dataset.label_type} images")
+    if features.blocks_fingerprint != fingerprint(blocks):
+        raise ConfigError(f"{who}: the features were computed with other weights than these blocks")
+    return features
 
 
 # %% ../nbs/33_dense_benchmark.ipynb #b9db3ed5
@@ -285,11 +301,15 @@ def run_dense_benchmark(
     task: str = "task",  # the task's name in the table
     device=None,  # default: where each arm's blocks are
     verbose: bool = True,  # print the wall time of each part
+    train_features: Mapping[str, FrozenDenseFeatures] | None = None,  # per arm, features of train_set computed
+                                                                       # before (e.g. for `choose_probe_lr`)
 ) -> DenseRun:
     "The data-scarcity benchmark of a segmentation or detection task: frozen linear probes and fine-tuning runs."
     from umedpt.augment import SampleAugment
     from umedpt.benchmark import _Augmented, _timed, fingerprint
     _check_dense_run(train_set, test_set, arms)
+    if unknown := set(train_features or {}) - set(arms):
+        raise ConfigError(f"train_features of arm(s) {sorted(unknown)} that are not among the arms {list(arms)}")
     lt, metrics, s = train_set.label_type, DENSE_METRICS[train_set.label_type], settings
     prints, seconds, rows, ft_rows, probes = {a: fingerprint(m) for a, m in arms.items()}, {}, [], [], {}
     losses, change, examples = {}, {}, {}
@@ -301,7 +321,8 @@ def run_dense_benchmark(
     for arm, blocks in arms.items():
         dev = device or next(blocks.parameters()).device
         with _timed(seconds, f"features {arm}", verbose):
-            feats = FrozenDenseFeatures(blocks, train_set, s.batch_size, dev)
+            feats = _given_features((train_features or {}).get(arm), blocks, train_set, s.batch_size, dev,
+                                    f"train_features of arm {arm!r}")
             test_feats = FrozenDenseFeatures(blocks, test_set, s.batch_size, dev)
         with _timed(seconds, f"probes {arm}", verbose):
             for (seed, f), idx in subsets.items():
@@ -359,6 +380,7 @@ def choose_probe_lr(
     settings: DenseSettings,  # probe epochs, batch and batch_size
     lrs: Sequence[float] = PROBE_LRS,  # the candidates
     device=None,  # default: where the blocks are
+    features: FrozenDenseFeatures | None = None,  # blocks' features of train_set computed before; default: now
 ) -> ProbeChoice:
     "The probe learning rate with the best validation score at 100 % of the training split (seed 0)."
     _check_dense_run(train_set, val_set, {"arm": blocks})
@@ -366,7 +388,7 @@ def choose_probe_lr(
         raise ConfigError(f"lrs must be a non-empty list of positive numbers, got {lrs!r}")
     lt, s = train_set.label_type, settings
     dev = device or next(blocks.parameters()).device
-    feats = FrozenDenseFeatures(blocks, train_set, s.batch_size, dev)
+    feats = _given_features(features, blocks, train_set, s.batch_size, dev, "choose_probe_lr features")
     val_feats = FrozenDenseFeatures(blocks, val_set, s.batch_size, dev)
     rows, targets = [], None
     for lr in lrs:
