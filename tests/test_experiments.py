@@ -52,8 +52,7 @@ def _chapter_constant(chapter: str, name: str):
         if cell.cell_type != "code": continue
         for node in ast.parse(cell.source).body:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
-                try: return ast.literal_eval(node.value)
-                except ValueError: return {k.value: None for k in node.value.keys}  # a dict of non-literals
+                return ast.literal_eval(node.value)
     raise AssertionError(f"{chapter}: no assignment to {name}")
 
 

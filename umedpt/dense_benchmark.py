@@ -306,7 +306,7 @@ def run_dense_benchmark(
 ) -> DenseRun:
     "The data-scarcity benchmark of a segmentation or detection task: frozen linear probes and fine-tuning runs."
     from umedpt.augment import SampleAugment
-    from umedpt.benchmark import _Augmented, _timed, fingerprint
+    from umedpt.benchmark import _Augmented, _timed
     _check_dense_run(train_set, test_set, arms)
     if unknown := set(train_features or {}) - set(arms):
         raise ConfigError(f"train_features of arm(s) {sorted(unknown)} that are not among the arms {list(arms)}")
