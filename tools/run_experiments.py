@@ -43,8 +43,9 @@ DENSE_TASKS = {  # dense benchmark target -> page title suffix
     "bccd_cells": "BCCD blood-cell detection (in-domain)",
     "dsb2018_nuclei": "DSB2018 nucleus detection (in-domain, NucleiDet)",
 }
-ABLATIONS = {  # ablation chapter parameter -> page title suffix (the paper's claim it tests); "scheme" (C4) joins
-    "norm": "norm layers in the shared blocks (C3)",  # once it has been executed at cpu (issue 13)
+ABLATIONS = {  # ablation chapter parameter -> page title suffix (the paper's claim it tests), in the chapter's order
+    "norm": "norm layers in the shared blocks (C3)",
+    "scheme": "training scheme (C4)",
     "labels": "label types (C6)",
     "size": "image sizes (C7)",
 }
